@@ -1,0 +1,1 @@
+"""uirl's Flower ClientApp (one data silo)."""

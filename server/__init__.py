@@ -1,0 +1,1 @@
+"""uirl's Flower ServerApp (the coordinator)."""

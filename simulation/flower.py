@@ -1,0 +1,155 @@
+"""Run ``flwr run .`` as a local simulation safely and report whether the run really succeeded.
+
+``python -m simulation.flower [--supernodes N] [--run-config "k=v ..."]`` does what a careful user
+would do by hand:
+
+- uses its own Flower home (``$FLWR_HOME``, default ``.flwr-home/`` in the project) holding a
+  ``config.toml`` with a ``local`` SuperLink connection, so nothing in ``~/.flwr`` is touched;
+- turns off Flower's runtime dependency install (each run would otherwise ``uv sync`` a fresh env,
+  downloading a multi-GB CUDA torch), telemetry and the update check;
+- starts the local SuperLink on free ports, streams the run's logs, and then asks the SuperLink
+  for the run's final status, because ``flwr run --stream`` exits 0 even when the ServerApp fails;
+- stops the SuperLink it started (by PID) when the run is over.
+
+Exit code: 0 only if the run's status is ``finished:completed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FLOWER_ENV = {
+    # Without this, every run `uv sync`s the project's dependencies into a new environment.
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+CONFIG_TOML = """[superlink]
+default = "local"
+
+[superlink.local]
+address = ":local:"
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _flwr() -> str:
+    exe = Path(sys.executable).parent / "flwr"
+    return str(exe) if exe.exists() else (shutil.which("flwr") or "flwr")
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLOWER_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    env.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(_free_port())
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(_free_port())
+    # The SuperLink is started by `flwr` from this environment: put our interpreter's bin first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _superlink_pids(port: str) -> list[int]:
+    """PIDs of flower-superlink processes serving ``port`` (the one this script started)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [c.decode(errors="replace") for c in cmd]
+        if any("flower-superlink" in w for w in words) and port in words:
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop_superlink(env: dict[str, str]) -> None:
+    for pid in _superlink_pids(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]):
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            continue
+    deadline = time.time() + 10
+    while time.time() < deadline and _superlink_pids(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]):
+        time.sleep(0.2)
+    for pid in _superlink_pids(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]):
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def run_status(run_id: int, env: dict[str, str]) -> str:
+    out = subprocess.run([_flwr(), "ls", "local", "--run-id", str(run_id), "--format", "json"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    try:
+        runs = json.loads(out.stdout)["runs"]
+        return str(runs[0]["status"])
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return f"unknown ({out.stdout.strip()[:200]} {out.stderr.strip()[:200]})"
+
+
+def run(*, supernodes: int, run_config: str | None, cpus_per_client: float, app: Path = ROOT,
+        flwr_home: Path | None = None, log=sys.stdout) -> tuple[str, str]:
+    """Run the app; return (final status, everything the run printed)."""
+    flwr_home = Path(flwr_home or os.environ.get("FLWR_HOME") or ROOT / ".flwr-home")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(CONFIG_TOML, encoding="utf-8")
+    env = flower_env(flwr_home)
+    cmd = [_flwr(), "run", str(app), "local", "--stream", "--federation-config",
+           f"num-supernodes={supernodes} client-resources-num-cpus={cpus_per_client} "
+           "client-resources-num-gpus=0.0"]
+    if run_config:
+        cmd += ["--run-config", run_config]
+    lines: list[str] = []
+    try:
+        proc = subprocess.Popen(cmd, cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            log.write(line)
+            log.flush()
+        proc.wait()
+        text = "".join(lines)
+        found = re.findall(r"run(?: ID)?[ :]+(\d{3,})", text, flags=re.IGNORECASE)
+        status = run_status(int(found[0]), env) if found else f"no run started (flwr exit {proc.returncode})"
+        return status, text
+    finally:
+        stop_superlink(env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulation.flower", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--supernodes", type=int, default=3, help="number of simulated silos (default 3)")
+    parser.add_argument("--run-config", default=None, help='overrides, e.g. "num-server-rounds=3 dp=false"')
+    parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    status, _ = run(supernodes=args.supernodes, run_config=args.run_config, cpus_per_client=args.cpus_per_client)
+    print(f"uirl: flower run status: {status}", flush=True)
+    return 0 if status == "finished:completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

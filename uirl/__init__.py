@@ -1,0 +1,3 @@
+"""uirl: federated, differentially private learning of user interest representations."""
+
+__version__ = "0.1.0"

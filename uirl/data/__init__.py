@@ -1,0 +1,12 @@
+"""Data: table schema and validation, the synthetic default dataset, and the evaluation split."""
+
+from uirl.data.schema import (BEHAVIORS, POSITIVE_BEHAVIORS, positive_mask, validate_events,
+                              validate_items)
+from uirl.data.split import (UserData, build_users, load_candidates, sample_training_example,
+                             save_candidates, touched_items)
+from uirl.data.synthetic import CLUSTERS, TOPICS, SyntheticData, SyntheticSpec, generate
+
+__all__ = ["BEHAVIORS", "CLUSTERS", "POSITIVE_BEHAVIORS", "TOPICS", "SyntheticData", "SyntheticSpec",
+           "UserData", "build_users", "generate", "load_candidates", "positive_mask",
+           "sample_training_example", "save_candidates", "touched_items", "validate_events",
+           "validate_items"]

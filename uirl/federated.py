@@ -1,0 +1,111 @@
+"""What a silo does in a federated round, with no Flower in sight.
+
+The ClientApp calls :func:`local_train` / :func:`local_evaluate` with plain arrays and strings and
+wraps what comes back into Flower records. Keeping this here means the whole client logic --
+including what leaves the silo -- is tested without a Flower runtime.
+
+What leaves the silo: the trainable adapter/head arrays (never the frozen base, never user data)
+and the scalar metrics named in :data:`TRAIN_METRICS` / :data:`EVAL_METRICS`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from uirl.config import Config, SiloConfig
+from uirl.data.silo import Silo, load_silo
+from uirl.model import InterestModel, TextBank
+from uirl.model.build import build_model
+from uirl.privacy import PrivacyLedger, plan_noise_multiplier
+from uirl.train import evaluate, sampling_plan, train_round
+
+STATUS_OK = 0
+STATUS_BUDGET_EXHAUSTED = 1
+
+TRAIN_METRICS = frozenset({"num-examples", "silo", "status", "train-loss", "steps", "users-sampled",
+                           "epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate",
+                           "rounds-trained"})
+EVAL_METRICS = frozenset({"num-examples", "silo", "auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10"})
+
+
+@dataclass
+class _Worker:
+    model: InterestModel
+    bank: TextBank
+
+
+@functools.lru_cache(maxsize=2)
+def _worker(cfg: Config, silo_cfg: SiloConfig) -> tuple[_Worker, Silo]:
+    # Cached per process: the frozen base is loaded once; adapters are overwritten from every
+    # message, so nothing of one node's training can leak into another node sharing the process.
+    silo = load_silo(cfg.data, silo_cfg, seed=cfg.train.seed)
+    model, encoder = build_model(cfg)
+    return _Worker(model, TextBank(silo.item_text, encoder.tokenizer, cfg.model.max_tokens)), silo
+
+
+def new_ledger(cfg: Config, silo_cfg: SiloConfig, num_users: int) -> PrivacyLedger:
+    """A silo's ledger at the start of a run: noise planned so that ``num_rounds`` rounds of local
+    steps spend at most the silo's target epsilon."""
+    q, steps = sampling_plan(num_users, cfg)
+    target = silo_cfg.target_epsilon or cfg.privacy.target_epsilon
+    sigma = cfg.privacy.noise_multiplier
+    if sigma is None:
+        sigma = plan_noise_multiplier(target_epsilon=target, target_delta=cfg.privacy.target_delta,
+                                      sample_rate=q, steps=steps * cfg.federation.num_rounds,
+                                      accountant=cfg.privacy.accountant)
+    return PrivacyLedger(accountant=cfg.privacy.accountant, noise_multiplier=sigma, sample_rate=q,
+                         target_epsilon=target, target_delta=cfg.privacy.target_delta)
+
+
+def _privacy_metrics(ledger: PrivacyLedger | None) -> dict[str, float]:
+    if ledger is None:
+        return {"epsilon": float("inf"), "delta": 0.0, "noise-multiplier": 0.0}
+    return {"epsilon": ledger.epsilon(), "delta": ledger.target_delta, "target-epsilon": ledger.target_epsilon,
+            "noise-multiplier": ledger.noise_multiplier, "sample-rate": ledger.sample_rate,
+            "rounds-trained": float(ledger.rounds)}
+
+
+def local_train(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray], *,
+                ledger_json: str | None, server_round: int
+                ) -> tuple[dict[str, np.ndarray] | None, dict[str, float], str | None]:
+    """One round on one silo. Returns (trainable arrays or None if refused, metrics, new ledger JSON).
+
+    Fails closed: if DP is on and this round's steps would push the silo past its target epsilon,
+    nothing is trained and no arrays are returned (``status`` = budget exhausted).
+    """
+    worker, silo = _worker(cfg, silo_cfg)
+    worker.model.load_adapter_state({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
+    ledger = None
+    if cfg.privacy.enabled:
+        ledger = (PrivacyLedger.from_json(ledger_json) if ledger_json
+                  else new_ledger(cfg, silo_cfg, len(silo.users)))
+    _, steps = sampling_plan(len(silo.users), cfg)
+    base = {"num-examples": float(len(silo.users)), "silo": float(silo.silo_id)}
+    if ledger is not None and not ledger.can_afford(steps):
+        return None, {**base, "status": float(STATUS_BUDGET_EXHAUSTED), "steps": 0.0,
+                      **_privacy_metrics(ledger)}, ledger.to_json()
+    result = train_round(worker.model, worker.bank, silo.users, silo.touched, cfg, ledger=ledger,
+                         example_seed=hash_seed(cfg.train.seed, silo.silo_id, server_round))
+    if ledger is not None:
+        ledger.rounds += 1
+    arrays = {k: v.cpu().numpy().copy() for k, v in worker.model.trainable_state().items()}
+    metrics = {**base, "status": float(STATUS_OK), "train-loss": result.loss, "steps": float(result.steps),
+               "users-sampled": float(result.users_sampled), **_privacy_metrics(ledger)}
+    return arrays, metrics, (ledger.to_json() if ledger is not None else None)
+
+
+def local_evaluate(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray]) -> dict[str, float]:
+    """Ranking metrics of the global model on this silo's fixed test candidates (user averages)."""
+    worker, silo = _worker(cfg, silo_cfg)
+    worker.model.load_adapter_state({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
+    metrics = evaluate(worker.model, worker.bank, silo.eval_users, cfg, split="test")
+    out = {k: v for k, v in metrics.items() if k in EVAL_METRICS}
+    return {**out, "num-examples": metrics["num-users"], "silo": float(silo.silo_id)}
+
+
+def hash_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])

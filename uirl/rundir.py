@@ -1,0 +1,76 @@
+"""The run directory ``runs/<run>/``: everything a run produced that a person or script reads later.
+
+- ``config.json``            the full run config (flat, kebab-case) and what it resolved to
+- ``metrics.jsonl``/``.csv``   one row per round: training loss, evaluation metrics, max epsilon
+- ``privacy.jsonl``           one row per silo per round: epsilon, delta, noise, sample rate, steps, status
+- ``privacy_ledger.json``     the latest privacy state of every silo (what an auditor checks)
+- ``final/``                  the final global adapter in PEFT format + the interest head
+
+Every file is written atomically (temporary file + rename) or appended line by line, so a crash
+never leaves a half-written file that looks complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def new_run_name() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+class RunDirectory:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.rounds: list[dict[str, Any]] = []
+        self.ledger: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def create(cls, base: str | Path, name: str, config: dict[str, Any]) -> "RunDirectory":
+        path = Path(base) / (name or new_run_name())
+        if (path / "metrics.jsonl").exists():
+            raise FileExistsError(f"{path} already holds a run; choose another run-name")
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return cls(path)
+
+    def _append(self, name: str, row: dict[str, Any]) -> None:
+        with open(self.path / name, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def record_round(self, row: dict[str, Any]) -> None:
+        """One row per round (round 0 = before training). Rewrites the CSV with every row so far."""
+        self.rounds.append(row)
+        self._append("metrics.jsonl", row)
+        columns = list(dict.fromkeys(k for r in self.rounds for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rounds)
+        atomic_write_text(self.path / "metrics.csv", buf.getvalue())
+
+    def record_privacy(self, server_round: int, silo: str, row: dict[str, Any]) -> None:
+        self._append("privacy.jsonl", {"round": server_round, "silo": silo, **row})
+        self.ledger[silo] = {"round": server_round, **row}
+        atomic_write_text(self.path / "privacy_ledger.json", json.dumps(self.ledger, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,47 @@
+"""Round-by-round results as a rich table (terminal) and as markdown (notes, README)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS = [("round", "round"), ("train-loss", "loss"), ("auc", "AUC"), ("mrr", "MRR"),
+           ("ndcg@5", "nDCG@5"), ("ndcg@10", "nDCG@10"), ("recall@10", "R@10"), ("epsilon", "eps per silo")]
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if key == "epsilon" and isinstance(value, dict):
+        return " ".join(f"{s}:{_fmt('eps', v)}" for s, v in sorted(value.items()))
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.4f}" if key != "eps" else f"{value:.2f}"
+    return str(value)
+
+
+def round_line(row: dict[str, Any]) -> str:
+    return "  ".join(f"{title}={_fmt(key, row.get(key))}" for key, title in COLUMNS)
+
+
+def rich_table(rows: Sequence[dict[str, Any]], title: str = "uirl rounds") -> Table:
+    table = Table(title=title)
+    for _, name in COLUMNS:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(*(_fmt(key, row.get(key)) for key, _ in COLUMNS))
+    return table
+
+
+def print_table(rows: Sequence[dict[str, Any]], title: str = "uirl rounds") -> None:
+    Console().print(rich_table(rows, title))
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(name for _, name in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(key, row.get(key)) for key, _ in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""Local training and evaluation: the one loop the federated client and every baseline call.
+
+A local round on a silo takes ``ceil(local_epochs / q)`` steps; at each step every user of the silo
+is included independently with probability ``q = batch_users / num_users`` (Poisson sampling, as
+the DP accountant assumes). Each sampled user contributes one training example built from their own
+sequence: a random position t, history = the items before t, candidates = item t + negatives the
+user never touched. With DP on, each user's gradient is clipped and noise is added
+(:mod:`uirl.privacy`); without it, the same loop takes plain steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from uirl.config import Config
+from uirl.data import UserData, sample_training_example
+from uirl.errors import UirlError
+from uirl.metrics import mean_metrics, ranking_metrics
+from uirl.model import InterestModel, TextBank
+from uirl.privacy import PerUserGradients, PrivacyError, PrivacyLedger, make_dp_optimizer
+
+
+class TrainingError(UirlError):
+    """Training produced something unusable (non-finite or silently unchanged adapters)."""
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    loss: float  # mean per-user training loss over the round's sampled users
+    steps: int
+    users_sampled: int  # summed over steps (a user can be sampled at several steps)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sampling_plan(num_users: int, cfg: Config) -> tuple[float, int]:
+    """(Poisson sample rate q, local steps per round) for a silo of ``num_users`` users."""
+    if num_users < 1:
+        raise UirlError("a silo with no users cannot train")
+    q = min(1.0, cfg.train.batch_users / num_users)
+    return q, max(1, math.ceil(cfg.train.local_epochs / q))
+
+
+def _check_update(before: list[torch.Tensor], params: list[torch.nn.Parameter]) -> None:
+    """Guard against silent adapter corruption after a DP step (a reported Opacus+PEFT failure mode):
+    every adapter must stay finite, and a step with a non-zero gradient must move something."""
+    moved = False
+    for old, p in zip(before, params):
+        if not torch.isfinite(p).all():
+            raise TrainingError("an adapter parameter became non-finite after an optimizer step")
+        moved = moved or not torch.equal(old, p.detach())
+    has_grad = any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+    if has_grad and not moved:
+        raise TrainingError("an optimizer step with a non-zero gradient left every adapter unchanged")
+
+
+def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
+                touched: dict[str, frozenset], cfg: Config, *, ledger: PrivacyLedger | None,
+                example_seed: int) -> RoundResult:
+    """One local round. With ``ledger`` (DP on), steps use its noise multiplier and sample rate and
+    are recorded in it; the caller must have checked ``ledger.can_afford(steps)``.
+
+    ``example_seed`` fixes which training positions/negatives are drawn (not secret). The Poisson
+    user sampling under DP uses OS entropy: the amplification-by-sampling argument needs it secret.
+    """
+    device = resolve_device(cfg.train.device)
+    model.to(device).train()
+    q, steps = sampling_plan(len(users), cfg)
+    if ledger is not None and abs(ledger.sample_rate - q) > 1e-12:
+        raise PrivacyError(f"ledger sample rate {ledger.sample_rate} != this round's {q}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.train.lr)
+    expected = q * len(users)
+    example_rng = np.random.default_rng(example_seed)
+    sample_rng = np.random.default_rng(None if ledger is not None else example_seed)
+    all_items = bank.item_ids
+    pug = None
+    if ledger is not None:
+        pug = PerUserGradients(model)
+        optimizer = make_dp_optimizer(optimizer, noise_multiplier=ledger.noise_multiplier,
+                                      clip_norm=cfg.privacy.clip_norm, expected_batch_users=expected,
+                                      device=device)
+    total_loss, seen = 0.0, 0
+    try:
+        for _ in range(steps):
+            chosen = [u for u in users if sample_rng.random() < q]
+            chosen = [u for u in chosen if len(u.train_items) >= 2]  # too short to make an example
+            optimizer.zero_grad(set_to_none=True)
+            before = [p.detach().clone() for p in params]
+            if not chosen:
+                if pug is None:
+                    continue
+                pug.empty()  # noise-only step: still one DP step, still accounted
+            else:
+                examples = [sample_training_example(u, max_history=cfg.data.max_history,
+                                                    num_negatives=cfg.data.train_negatives, rng=example_rng,
+                                                    all_item_ids=all_items, touched=touched[u.user_id])
+                            for u in chosen]
+                batch = bank.make_batch(examples).to(device)
+                losses = pug.loss(batch) if pug is not None else model.batch_loss(batch)
+                if pug is not None:
+                    losses.sum().backward()
+                    pug.regroup(batch)
+                else:
+                    (losses.sum() / expected).backward()
+                total_loss += float(losses.detach().sum())
+                seen += len(chosen)
+            optimizer.step()
+            _check_update(before, params)
+            if ledger is not None:
+                ledger.record(1)
+    finally:
+        if pug is not None:
+            pug.close()
+    return RoundResult(loss=total_loss / max(seen, 1), steps=steps, users_sampled=seen)
+
+
+@torch.no_grad()
+def encode_items(model: InterestModel, bank: TextBank, item_ids: Sequence[str], *,
+                 batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """Item id -> unit-norm vector (d,), encoded once each (evaluation only: no gradients)."""
+    device = next(model.parameters()).device
+    out: dict[str, torch.Tensor] = {}
+    unique = list(dict.fromkeys(item_ids))
+    for start in range(0, len(unique), batch_size):
+        chunk = unique[start:start + batch_size]
+        ids, mask = bank.tokens(chunk)
+        vecs = model.encode_texts(ids.to(device), mask.to(device))
+        out.update(zip(chunk, vecs))
+    return out
+
+
+@torch.no_grad()
+def score_users(model: InterestModel, bank: TextBank, users: Sequence[UserData], *, split: str,
+                max_history: int) -> list[np.ndarray]:
+    """Scores (C,) of each user's fixed ``split`` candidates (positive first)."""
+    device = next(model.parameters()).device
+    model.eval()
+    histories = [u.test_history(max_history) if split == "test" else u.valid_history(max_history) for u in users]
+    candidates = [u.test_candidates if split == "test" else u.valid_candidates for u in users]
+    vectors = encode_items(model, bank, [i for h in histories for i in h] + [i for c in candidates for i in c])
+    scores = []
+    for h, c in zip(histories, candidates):
+        hist = torch.stack([vectors[i] for i in h]).unsqueeze(0).to(device)
+        mask = torch.ones(hist.shape[:2], dtype=torch.bool, device=device)
+        cand = torch.stack([vectors[i] for i in c]).unsqueeze(0).to(device)
+        scores.append(model.score(model.user_vectors(hist, mask), cand)[0].cpu().numpy())
+    return scores
+
+
+def evaluate(model: InterestModel, bank: TextBank, users: Sequence[UserData], cfg: Config, *,
+             split: str = "test") -> dict[str, float]:
+    """Per-user ranking metrics on the fixed candidate lists, averaged over users (+ ``num-users``)."""
+    if split not in ("test", "valid"):
+        raise ValueError(f"split must be test or valid, not {split!r}")
+    model.to(resolve_device(cfg.train.device))
+    users = [u for u in users if (u.train_items if split == "valid" else True)]
+    if not users:
+        raise UirlError("no users to evaluate")
+    per_user = [ranking_metrics(s) for s in score_users(model, bank, users, split=split,
+                                                       max_history=cfg.data.max_history)]
+    return {**mean_metrics(per_user), "num-users": float(len(users))}
