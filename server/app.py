@@ -39,18 +39,20 @@ class _Recorder:
         eps = {}
         for m in per_silo:
             silo = str(int(m.get("silo", -1)))
-            eps[silo] = m.get("epsilon", math.inf)
+            eps[f"epsilon/silo-{silo}"] = m.get("epsilon", math.inf)
             self.run.record_privacy(server_round, silo, {
                 k: m.get(k) for k in ("status", "epsilon", "delta", "target-epsilon", "noise-multiplier",
                                       "sample-rate", "steps", "rounds-trained", "accepted", "rejected")
                 if k in m})
-        self.pending[server_round] = {"train-loss": loss, "epsilon": eps,
+        self.pending[server_round] = {"train-loss": loss, "epsilon": max(eps.values(), default=math.nan),
+                                      **dict(sorted(eps.items())),
                                       "silos-trained": len(accepted), "silos-replied": len(per_silo)}
 
     def on_evaluate(self, server_round: int, per_silo: list[dict], aggregated: dict) -> None:
         row = {"round": server_round, **self.pending.pop(server_round, {}), **aggregated,
                "seconds": round(time.time() - self.t0, 1)}
         row.pop("num-examples", None)
+        row.pop("silo", None)  # an average of silo ids means nothing
         self.run.record_round(row)
         print(round_line(row), flush=True)
 

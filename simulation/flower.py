@@ -119,7 +119,7 @@ def run(*, supernodes: int, run_config: str | None, cpus_per_client: float, app:
     (flwr_home / "config.toml").write_text(CONFIG_TOML, encoding="utf-8")
     env = flower_env(flwr_home)
     cmd = [_flwr(), "run", str(app), "local", "--stream", "--federation-config",
-           f"num-supernodes={supernodes} client-resources-num-cpus={cpus_per_client} "
+           f"num-supernodes={supernodes} client-resources-num-cpus={cpus_per_client:g} "
            "client-resources-num-gpus=0.0"]
     if run_config:
         cmd += ["--run-config", run_config]

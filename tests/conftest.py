@@ -29,7 +29,8 @@ def _save_tiny(path, kind: str) -> str:
     vocab = _vocab()
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
+    assert len(tok) == len(vocab)
     torch.manual_seed(0)
     if kind == "bert":
         model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
@@ -39,9 +40,29 @@ def _save_tiny(path, kind: str) -> str:
         model = LlamaModel(LlamaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=37,
                                        max_position_embeddings=64, pad_token_id=0))
+    _plant_topics(model.get_input_embeddings().weight, vocab)
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return str(path)
+
+
+def _plant_topics(embedding, vocab: list[str]) -> None:
+    """Give the random model a little 'pretraining': words of one synthetic topic get nearby
+    embeddings (a shared random topic direction + noise), as a real pretrained encoder would. With
+    the default small init of the other layers, the residual stream carries this to the pooled
+    text vector, so zero-shot ranking has signal and fine-tuning has something to build on."""
+    import torch
+
+    from uirl.data import TOPICS
+
+    gen = torch.Generator().manual_seed(1)
+    dim = embedding.shape[1]
+    topic_of = {w: t for t, words in enumerate(TOPICS.values()) for w in words}
+    directions = torch.randn(len(TOPICS), dim, generator=gen)
+    with torch.no_grad():
+        for i, word in enumerate(vocab):
+            noise = 0.5 * torch.randn(dim, generator=gen)
+            embedding[i] = noise + (directions[topic_of[word]] if word in topic_of else 0.0)
 
 
 @pytest.fixture(scope="session")

@@ -62,8 +62,7 @@ def test_per_user_gradients_equal_per_user_loop(tiny_model, ffa):
     batch = bank.make_batch(EXAMPLES)
     pug = PerUserGradients(model)
     try:
-        pug.loss(batch).sum().backward()
-        pug.regroup(batch)
+        pug.backward(pug.loss(batch), batch)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         assert any("lora_B" in n for n in names) and any("history_pool" in n for n in names)
         assert any("lora_A" in n for n in names) == (not ffa)
@@ -88,8 +87,7 @@ def _summed_clipped(model, bank, examples, clip):
     try:
         opt.zero_grad(set_to_none=True)
         batch = bank.make_batch(examples)
-        pug.loss(batch).sum().backward()
-        pug.regroup(batch)
+        pug.backward(pug.loss(batch), batch)
         opt.pre_step()
         return torch.cat([p.grad.flatten() for p in params])
     finally:
@@ -126,8 +124,7 @@ def test_dp_step_without_noise_and_clipping_equals_plain_step(tiny_bert):
                             expected_batch_users=4.0)
     pug = PerUserGradients(model)
     try:
-        pug.loss(batch).sum().backward()
-        pug.regroup(batch)
+        pug.backward(pug.loss(batch), batch)
         opt.pre_step()
     finally:
         pug.close()

@@ -14,17 +14,25 @@ COLUMNS = [("round", "round"), ("train-loss", "loss"), ("auc", "AUC"), ("mrr", "
 
 
 def _fmt(key: str, value: Any) -> str:
-    if value is None or value == "":
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if key == "epsilon" and isinstance(value, dict):
-        return " ".join(f"{s}:{_fmt('eps', v)}" for s, v in sorted(value.items()))
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.4f}" if key != "eps" else f"{value:.2f}"
     return str(value)
 
 
+def _silo_epsilons(row: dict[str, Any]) -> str:
+    """``epsilon/silo-K`` keys of a round row -> "0.52 0.52 0.61" (silo order)."""
+    keys = sorted((k for k in row if k.startswith("epsilon/silo-")), key=lambda k: int(k.rsplit("-", 1)[1]))
+    return " ".join(_fmt("eps", row[k]) for k in keys) or "-"
+
+
+def _cell(key: str, row: dict[str, Any]) -> str:
+    return _silo_epsilons(row) if key == "epsilon" else _fmt(key, row.get(key))
+
+
 def round_line(row: dict[str, Any]) -> str:
-    return "  ".join(f"{title}={_fmt(key, row.get(key))}" for key, title in COLUMNS)
+    return "  ".join(f"{title}={_cell(key, row)}" for key, title in COLUMNS)
 
 
 def rich_table(rows: Sequence[dict[str, Any]], title: str = "uirl rounds") -> Table:
@@ -32,16 +40,16 @@ def rich_table(rows: Sequence[dict[str, Any]], title: str = "uirl rounds") -> Ta
     for _, name in COLUMNS:
         table.add_column(name, justify="right")
     for row in rows:
-        table.add_row(*(_fmt(key, row.get(key)) for key, _ in COLUMNS))
+        table.add_row(*(_cell(key, row) for key, _ in COLUMNS))
     return table
 
 
 def print_table(rows: Sequence[dict[str, Any]], title: str = "uirl rounds") -> None:
-    Console().print(rich_table(rows, title))
+    Console(width=120).print(rich_table(rows, title))
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(name for _, name in COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(key, row.get(key)) for key, _ in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(key, row) for key, _ in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)

@@ -108,8 +108,7 @@ def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
                 batch = bank.make_batch(examples).to(device)
                 losses = pug.loss(batch) if pug is not None else model.batch_loss(batch)
                 if pug is not None:
-                    losses.sum().backward()
-                    pug.regroup(batch)
+                    pug.backward(losses, batch)
                 else:
                     (losses.sum() / expected).backward()
                 total_loss += float(losses.detach().sum())

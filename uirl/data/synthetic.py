@@ -5,17 +5,25 @@ Structure that makes learning possible and measurable:
 * 12 latent topics with 25 distinct English words each, grouped in 4 clusters of correlated topics
   (:data:`CLUSTERS`). A text encoder sees word similarity within a topic; which *different* topics
   go together (e.g. cycling with nutrition with hotels) has to be learned from behaviour.
+* A second facet, the *style* (:data:`STYLES`: beginner, expert, budget, luxury, quick, family),
+  is independent of the topic: every item has exactly one, balanced over items and topics, and its
+  title carries one or two of that style's markers ("easy", "for beginners"; "premium", "in
+  style"; ...). Interests are topic x style: a user mostly wants one style across all topics.
 * An item has a primary topic (its ``category``) and, with probability 0.15, one word of a
-  secondary topic. Its text is a 7-10 word title of 3-4 topic words and 2-3 generic words
-  ("The weekly guide for cycling, yoga and hotels"). Popularity is Zipf-like (exponent 0.8).
+  secondary topic. Its text is a 7-12 word title of 3-4 topic words, 1-2 style markers and 1-2
+  generic words ("The easy guide for cycling, yoga and hotels"). Popularity is Zipf-like
+  (exponent 0.8).
 * A user's topic mixture favours one or two clusters, spread over the cluster's topics, plus 10 %
   uniform background. It drifts: event j of n uses ``(1 - j/(n-1)) * start + j/(n-1) * end``,
   where ``end`` re-draws the within-cluster weights, so recent events predict the next best.
+* A user's style weights put ``style_strength`` on one main style (uniform over styles) and spread
+  the rest evenly (``1/6`` = no preference). An event draws a topic from the mixture, then an
+  item of that topic with weight popularity x the user's weight of the item's style.
 * Silos are non-IID: silo s draws cluster preferences ``Dirichlet(silo_skew)``; its users pick
   their clusters from those. A large ``silo_skew`` (say 100) gives nearly IID silos.
-* Behaviour depends on affinity ``a = mixture[topic] / max(mixture)`` in [0, 1]: views (not
-  positive) are likelier at low affinity, likes and purchases at high affinity, ratings grow
-  with affinity. A user never gets the same item twice.
+* Behaviour depends on affinity ``a = mixture[topic] / max(mixture) * (0.5 + 0.5 * style[s] /
+  max(style))`` in [0, 1]: views (not positive) are likelier at low affinity, likes and purchases
+  at high affinity, ratings grow with affinity. A user never gets the same item twice.
 
 ``generate(SyntheticSpec())`` (600 users, 800 items, ~11k events) takes well under a second.
 """
@@ -81,25 +89,40 @@ TOPIC_NAMES: tuple[str, ...] = tuple(TOPICS)
 #: Groups of correlated topics: a user's interests spread over one or two of these.
 CLUSTERS: tuple[tuple[str, ...], ...] = (("sports", "health", "travel"), ("technology", "gaming", "science"),
                                         ("cooking", "gardening", "fashion"), ("music", "film", "books"))
-GENERIC_ADJECTIVES = ("new", "best", "essential", "top", "weekly", "complete", "practical", "modern", "simple",
-                      "quick", "ultimate", "everyday")
+#: Style facet: style name -> its marker words and phrases (each in exactly one style).
+STYLES: dict[str, tuple[str, ...]] = {
+    "beginner": ("easy", "beginner", "starter", "for beginners", "from scratch", "for first-timers"),
+    "expert": ("advanced", "in-depth", "masterclass", "for experts", "for professionals", "for specialists"),
+    "budget": ("cheap", "budget", "affordable", "on a budget", "for less", "on a shoestring"),
+    "luxury": ("premium", "luxury", "exclusive", "in style", "for connoisseurs", "at its finest"),
+    "quick": ("quick", "five-minute", "fast", "in minutes", "on the go", "in a hurry"),
+    "family": ("family", "kid-friendly", "family-friendly", "for kids", "for the whole family", "together"),
+}
+STYLE_NAMES: tuple[str, ...] = tuple(STYLES)
+_STYLE_MODIFIERS = 3  # the first 3 markers of a style stand before a noun ({m}); the rest end a phrase ({p})
+GENERIC_ADJECTIVES = ("new", "best", "essential", "top", "weekly", "complete", "practical", "modern",
+                      "ultimate", "everyday", "popular", "trusted")
 GENERIC_NOUNS = ("guide", "review", "report", "update", "notes", "tips", "handbook", "basics", "ideas",
                  "digest", "overview", "insights", "primer", "roundup")
-# {0}..{3}: topic words; {a}/{b}: generic adjectives; {n}: generic noun. 7-10 words each.
-_TEMPLATES = (("the {a} {n} for {0}, {1} and {2}", 3), ("{a} {n}: {0} and {1} with {2}", 3),
-              ("{n} on {0}, {1}, {2} and {3}, {a} edition", 4), ("{a} {0} and {1} {n} with {b} {2}", 3),
-              ("{0} {n}: {a} {1}, {2} and {3}", 4), ("why {0} and {1} matter: {a} {n} on {2}", 3))
+# {0}..{3}: topic words; {a}: generic adjective; {n}: generic noun; {m}: style modifier; {p}: style
+# phrase (1-4 words). 7-12 words each; every template has 1 or 2 style markers.
+_TEMPLATES = (("the {m} {n} for {0}, {1} and {2}", 3), ("{a} {n}: {0} and {1} with {2} {p}", 3),
+              ("{m} {0} and {1} {n} with {a} {2}", 3), ("{0} {n}: {m} {1}, {2} and {3} {p}", 4),
+              ("why {0} and {1} matter: {m} {n} on {2}", 3), ("{m} {n} on {0}, {1} and {2} {p}", 3),
+              ("{0}, {1} and {2} {p}: the {a} {n}", 3), ("{a} {m} {n} for {0}, {1} and {2}", 3))
 
 _BASE_TIME = 1_700_000_000  # seconds; user timelines start within 180 days after it
 _ZIPF_EXPONENT = 0.8
 _SECONDARY_P = 0.15
 _BACKGROUND = 0.10
+_STYLE_FLOOR = 1e-6  # an off-style item stays possible when style_strength = 1 exhausts the main style
 
 
 @dataclass(frozen=True)
 class SyntheticSpec:
     """Size and shape of the synthetic dataset. ``silo_skew`` is the Dirichlet concentration of
-    each silo's cluster preferences: smaller = more non-IID."""
+    each silo's cluster preferences: smaller = more non-IID. ``style_strength`` is the weight of a
+    user's main style (the other styles share the rest evenly): 1/6 = no style preference."""
 
     num_users: int = 600
     num_items: int = 800
@@ -107,6 +130,7 @@ class SyntheticSpec:
     min_events: int = 8
     max_events: int = 30
     silo_skew: float = 0.3
+    style_strength: float = 0.75
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -125,6 +149,9 @@ class SyntheticSpec:
              f"an integer >= max({len(TOPICS)} topics, max_events)")
         need(isinstance(self.silo_skew, (int, float)) and math.isfinite(self.silo_skew) and self.silo_skew > 0,
              "silo_skew", "a finite number > 0")
+        need(isinstance(self.style_strength, (int, float, np.integer, np.floating))
+             and not isinstance(self.style_strength, bool) and 0.0 <= self.style_strength <= 1.0,
+             "style_strength", "a number in [0, 1]")
         need(self.seed >= 0, "seed", "an integer >= 0")
 
 
@@ -150,25 +177,38 @@ def _pick(weights: np.ndarray, u: float) -> int:
     return i if i < len(weights) else int(np.flatnonzero(weights)[-1])
 
 
-def _make_items(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """Items table, primary topic index per item, popularity weight per item."""
-    n, num_topics = spec.num_items, len(TOPIC_NAMES)
-    primary = rng.permutation(np.arange(n) % num_topics)  # balanced: every topic has items
+def _make_items(spec: SyntheticSpec, rng: np.random.Generator
+                ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """Items table, primary topic index, style index and popularity weight per item."""
+    n, num_topics, num_styles = spec.num_items, len(TOPIC_NAMES), len(STYLE_NAMES)
+    # Balanced over topics (every topic has items), over styles, and over (topic, style) pairs.
+    cell = rng.permutation(np.arange(n) % (num_topics * num_styles))
+    primary, style = cell % num_topics, cell // num_topics
     popularity = 1.0 / (rng.permutation(n) + 1.0) ** _ZIPF_EXPONENT
     texts = []
-    for t in primary:
+    for t, st in zip(primary, style):
         template, k = _TEMPLATES[rng.integers(len(_TEMPLATES))]
         words = list(rng.choice(TOPICS[TOPIC_NAMES[t]], size=k, replace=False))
         if rng.random() < _SECONDARY_P:
             other = (t + 1 + rng.integers(num_topics - 1)) % num_topics
             words[-1] = str(rng.choice(TOPICS[TOPIC_NAMES[other]]))
-        a, b = rng.choice(GENERIC_ADJECTIVES, size=2, replace=False)
-        title = template.format(*words, a=a, b=b, n=rng.choice(GENERIC_NOUNS))
+        markers = STYLES[STYLE_NAMES[st]]
+        title = template.format(*words, a=rng.choice(GENERIC_ADJECTIVES), n=rng.choice(GENERIC_NOUNS),
+                                m=markers[rng.integers(_STYLE_MODIFIERS)],
+                                p=markers[_STYLE_MODIFIERS + rng.integers(len(markers) - _STYLE_MODIFIERS)])
         texts.append(title[0].upper() + title[1:])
     items = pd.DataFrame({"item_id": pd.Series(_ids("i", n), dtype="string"),
                           "text": pd.Series(texts, dtype="string"),
                           "category": pd.Series([TOPIC_NAMES[t] for t in primary], dtype="string")})
-    return items, primary, popularity
+    return items, primary, style, popularity
+
+
+def _style_weights(strength: float, rng: np.random.Generator) -> np.ndarray:
+    """One user's weights over styles: ``strength`` on a uniformly drawn main style, the rest even."""
+    num_styles = len(STYLE_NAMES)
+    weights = np.full(num_styles, (1.0 - strength) / (num_styles - 1))
+    weights[rng.integers(num_styles)] = strength
+    return weights
 
 
 def _user_mixtures(cluster_pref: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +248,7 @@ def _behavior(a: float, u: float) -> str:
 def generate(spec: SyntheticSpec = SyntheticSpec()) -> SyntheticData:
     """Build the dataset described in the module docstring; identical for identical specs."""
     items_seq, users_seq = np.random.SeedSequence(spec.seed).spawn(2)
-    items, primary, popularity = _make_items(spec, np.random.default_rng(items_seq))
+    items, primary, style, popularity = _make_items(spec, np.random.default_rng(items_seq))
     rng = np.random.default_rng(users_seq)
     by_topic = [np.flatnonzero(primary == t) for t in range(len(TOPIC_NAMES))]
     silo_pref = rng.dirichlet(np.full(len(CLUSTERS), float(spec.silo_skew)), size=spec.num_silos)
@@ -221,6 +261,9 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> SyntheticData:
                                              "user_text", "silo")}
     for u, user in enumerate(user_ids):
         start, end = _user_mixtures(silo_pref[silo_of[u]], rng)
+        style_w = _style_weights(float(spec.style_strength), rng)
+        style_aff = style_w / style_w.max()
+        item_w = popularity * np.maximum(style_w[style], _STYLE_FLOOR)
         n = int(rng.integers(spec.min_events, spec.max_events + 1))
         times = _BASE_TIME + int(rng.integers(0, 180 * 86400)) + np.cumsum(
             60 + rng.exponential(1.5 * 86400, size=n).astype(np.int64))
@@ -233,14 +276,14 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> SyntheticData:
             while True:  # a topic the user has exhausted is skipped; num_items >= max_events
                 t = _pick(topic_w, draws[j, 0])
                 pool = by_topic[t]
-                w = popularity[pool] * ~seen[pool]
+                w = item_w[pool] * ~seen[pool]
                 if w.sum() > 0:
                     break
                 topic_w[t] = 0.0
             item = int(pool[_pick(w, draws[j, 1])])
             seen[item] = True
             chosen.append(item)
-            affinity = float(mix[t] / mix.max())
+            affinity = float(mix[t] / mix.max() * (0.5 + 0.5 * style_aff[style[item]]))
             behavior = _behavior(affinity, draws[j, 2])
             value = float(np.clip(round(2 + 3 * affinity + 1.4 * (draws[j, 3] - 0.5)), 1, 5)) \
                 if behavior == "rate" else math.nan

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from uirl.config import SHIPPED_MINILM, ModelConfig
 from uirl.errors import ConfigError
@@ -82,6 +83,7 @@ def load_encoder(cfg: ModelConfig, *, seed: int = 0) -> Encoder:
     initialisations, so a server and its clients agree on the frozen LoRA A matrices.
     """
     path = resolve_model_path(cfg.name)
+    hf_logging.disable_progress_bar()  # one bar per process and silo would bury the round table
     if not Path(path).exists():
         # A hub id: allowed only from the local cache, never a download at run time.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -9,6 +9,8 @@ would silently change the privacy unit, so it raises.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from opacus import GradSampleModule
 
@@ -19,7 +21,7 @@ from uirl.privacy.accountant import PrivacyError
 class PerUserGradients:
     """Wraps an :class:`InterestModel` with Opacus hooks for one local training session.
 
-    Usage: ``losses = pug.loss(batch); losses.sum().backward(); pug.regroup(batch)`` -- after which
+    Usage: ``losses = pug.loss(batch); pug.backward(losses, batch)`` -- after which
     every trainable ``p.grad_sample`` has shape ``(B, *p.shape)``, row b being user b's gradient of
     its own loss. Call :meth:`close` to detach the hooks.
     """
@@ -28,6 +30,14 @@ class PerUserGradients:
         self.model = model
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
         self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def backward(self, losses: torch.Tensor, batch: UserBatch) -> None:
+        """Backward on the summed per-user losses, then :meth:`regroup` to one row per user."""
+        with warnings.catch_warnings():
+            # Opacus's backward hooks on a frozen-input layer (the first LoRA layer) are expected.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses.sum().backward()
+        self.regroup(batch)
 
     def loss(self, batch: UserBatch) -> torch.Tensor:
         return self.gsm(batch.input_ids, batch.attention_mask, batch.history_index,

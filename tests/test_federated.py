@@ -1,0 +1,95 @@
+"""What a silo does in a round (no Flower runtime): what leaves it, its budget, its learning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import tiny_config
+from uirl.config import SiloConfig
+from uirl.federated import (EVAL_METRICS, STATUS_BUDGET_EXHAUSTED, STATUS_OK, TRAIN_METRICS, _worker,
+                            local_evaluate, local_train)
+from uirl.model.build import build_model
+from uirl.train import TrainingError, _check_update
+
+SILO = SiloConfig(partition_id=0, num_partitions=2)
+
+
+def _global(cfg):
+    worker, _ = _worker(cfg, SILO)
+    model, _ = build_model(cfg)  # a fresh model: what a server would send in round 1
+    return {k: v.numpy().copy() for k, v in model.adapter_state().items()}, worker
+
+
+def test_reply_carries_only_trainable_arrays_and_whitelisted_scalars(tiny_bert):
+    cfg = tiny_config(tiny_bert)
+    state, worker = _global(cfg)
+    arrays, metrics, ledger = local_train(cfg, SILO, state, ledger_json=None, server_round=1)
+    trainable = {n for n, p in worker.model.named_parameters() if p.requires_grad}
+    assert set(arrays) == trainable
+    assert all("lora_B" in n or not n.startswith("encoder.") for n in arrays)  # FFA-LoRA: no A, no base
+    assert set(metrics) <= TRAIN_METRICS
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert metrics["status"] == STATUS_OK and 0 < metrics["epsilon"] <= cfg.privacy.target_epsilon
+    # Every array moved (it trained) and stayed finite.
+    for name, value in arrays.items():
+        assert np.isfinite(value).all()
+        assert not np.array_equal(value, state[name]), name
+    sent = sum(v.nbytes for v in arrays.values())
+    full = sum(p.numel() * p.element_size() for p in worker.model.parameters())
+    assert sent < 0.35 * full  # tiny model: heads are relatively large; see the MiniLM test below
+    evaluated = local_evaluate(cfg, SILO, state)
+    assert set(evaluated) <= EVAL_METRICS and 0.0 <= evaluated["auc"] <= 1.0
+
+
+def test_minilm_reply_is_about_one_percent_of_the_model():
+    from uirl.config import from_run_config
+
+    model, _ = build_model(from_run_config({}))
+    sent = sum(v.numel() * v.element_size() for v in model.trainable_state().values())
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert sent / full < 0.02, (sent, full)
+
+
+def test_silo_refuses_to_train_once_the_next_round_would_exceed_its_budget(tiny_bert):
+    cfg = tiny_config(tiny_bert, **{"num-server-rounds": 2, "target-epsilon": 3.0})
+    state, _ = _global(cfg)
+    ledger = None
+    epsilons = []
+    for server_round in (1, 2):
+        arrays, metrics, ledger = local_train(cfg, SILO, state, ledger_json=ledger, server_round=server_round)
+        assert arrays is not None and metrics["status"] == STATUS_OK
+        epsilons.append(metrics["epsilon"])
+    assert epsilons[0] < epsilons[1] <= 3.0
+    arrays, metrics, ledger_after = local_train(cfg, SILO, state, ledger_json=ledger, server_round=3)
+    assert arrays is None and metrics["status"] == STATUS_BUDGET_EXHAUSTED
+    assert metrics["epsilon"] == pytest.approx(epsilons[1])  # nothing was spent
+    assert ledger_after == ledger
+
+
+def test_update_guard_catches_non_finite_and_silently_unchanged_adapters():
+    p = torch.nn.Parameter(torch.ones(3))
+    before = [p.detach().clone()]
+    p.grad = torch.ones(3)
+    with pytest.raises(TrainingError, match="unchanged"):
+        _check_update(before, [p])
+    with torch.no_grad():
+        p[0] = float("nan")
+    with pytest.raises(TrainingError, match="non-finite"):
+        _check_update(before, [p])
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_training_raises_test_auc_above_chance_and_round_zero(tiny_bert, dp):
+    overrides = {"dp": dp, "num-server-rounds": 6, "lr": 0.01, "local-epochs": 2.0, "batch-users": 16,
+                 "target-epsilon": 50.0}
+    cfg = tiny_config(tiny_bert, **overrides)
+    state, _ = _global(cfg)
+    before = local_evaluate(cfg, SILO, state)["auc"]
+    ledger = None
+    for server_round in range(1, 7):
+        arrays, metrics, ledger = local_train(cfg, SILO, state, ledger_json=ledger, server_round=server_round)
+        state.update(arrays)
+    after = local_evaluate(cfg, SILO, state)["auc"]
+    assert after > 0.6 and after > before + 0.05, (before, after)

@@ -1,0 +1,50 @@
+"""One real `flwr run .`: local SuperLink, 3 simulated silos, tiny model, 2 rounds."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from simulation import flower
+
+
+def _run(tmp_path, model_path, extra: str = ""):
+    log = io.StringIO()
+    run_config = (f"model-name='{model_path}' num-server-rounds=2 synthetic-users=90 synthetic-items=300 "
+                  f"max-history=4 eval-negatives=9 batch-users=8 lora-r=4 max-tokens=16 "
+                  f"run-dir='{tmp_path / 'runs'}' run-name='e2e' {extra}")
+    status, text = flower.run(supernodes=3, run_config=run_config, cpus_per_client=1,
+                              flwr_home=tmp_path / "flwr-home", log=log)
+    return status, text
+
+
+def test_flwr_run_completes_and_writes_the_run_directory(tmp_path, tiny_bert):
+    status, text = _run(tmp_path, tiny_bert)
+    assert status == "finished:completed", text[-3000:]
+    run = tmp_path / "runs" / "e2e"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
+    assert rows[2]["silos-trained"] == 3
+    ledger = json.loads((run / "privacy_ledger.json").read_text())
+    assert sorted(ledger) == ["0", "1", "2"]
+    for silo in ledger.values():
+        assert silo["rounds-trained"] == 2 and 0 < silo["epsilon"] <= silo["target-epsilon"]
+    assert rows[2]["epsilon/silo-0"] > rows[1]["epsilon/silo-0"]  # the accountant persisted
+    assert (run / "metrics.csv").read_text().startswith("round,")
+    final = run / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+
+    # The exported adapter loads with PEFT's own loader onto the base model.
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_bert), str(final))
+    assert any("lora_B" in n for n, _ in peft_model.named_parameters())
+
+
+def test_a_failing_server_app_is_reported_as_failed(tmp_path, tiny_bert):
+    # A run config the ServerApp rejects (lr must be > 0): `flwr run --stream` itself exits 0.
+    status, text = _run(tmp_path, tiny_bert, extra="lr=-1.0")
+    assert status.startswith("finished:") and status != "finished:completed", (status, text[-2000:])
+    assert "lr" in text
