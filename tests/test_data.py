@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ import pytest
 from uirl.data import (CLUSTERS, TOPICS, SyntheticSpec, UserData, build_users, generate, load_candidates,
                        positive_mask, sample_training_example, save_candidates, touched_items,
                        validate_events, validate_items)
+from uirl.data.synthetic import GENERIC_ADJECTIVES, GENERIC_NOUNS, STYLES
 from uirl.errors import ConfigError, DataError
 
 SMALL = SyntheticSpec(num_users=120, num_items=300, seed=3)
@@ -45,17 +47,59 @@ def test_generated_data_passes_validation(data):
         assert g["timestamp"].is_monotonic_increasing and g["timestamp"].is_unique
 
 
-def test_item_texts_are_short_titles_of_topic_words(data):
+_MARKERS = {style: re.compile("|".join(rf"(?<![\w-]){re.escape(m)}(?![\w-])" for m in markers))
+            for style, markers in STYLES.items()}
+
+
+def _styles_in(text: str) -> list[str]:
+    """The styles whose markers occur in ``text`` (as whole words or phrases)."""
+    return [style for style, pattern in _MARKERS.items() if pattern.search(text.lower())]
+
+
+def test_item_texts_are_short_titles_of_topic_words_and_one_style(data):
     for text, category in zip(data.items["text"], data.items["category"]):
         words = text.replace(",", "").replace(":", "").lower().split()
-        assert 6 <= len(words) <= 10, text
+        assert 7 <= len(words) <= 12, text
         assert sum(w in TOPICS[category] for w in words) >= 2, text
+        assert len(_styles_in(text)) == 1, text
+    style = pd.Series([_styles_in(t)[0] for t in data.items["text"]])
+    counts = style.value_counts()
+    assert set(counts.index) == set(STYLES) and counts.max() - counts.min() <= 1  # balanced
+    per_topic = pd.crosstab(data.items["category"].to_numpy(), style.to_numpy())
+    assert (per_topic.max(axis=1) - per_topic.min(axis=1)).max() <= 1  # and within every topic
 
 
 def test_topic_words_are_distinct_and_clusters_cover_topics():
     words = [w for ws in TOPICS.values() for w in ws]
     assert len(words) == len(set(words))
     assert sorted(t for c in CLUSTERS for t in c) == sorted(TOPICS)
+
+
+def test_style_markers_are_distinct_and_not_topic_or_generic_words():
+    markers = [m for ms in STYLES.values() for m in ms]
+    assert len(STYLES) == 6 and len(markers) == len(set(markers))
+    other = {w for ws in TOPICS.values() for w in ws} | set(GENERIC_ADJECTIVES) | set(GENERIC_NOUNS)
+    for style, ms in STYLES.items():
+        for m in ms:
+            assert [s for s, pattern in _MARKERS.items() if pattern.search(m)] == [style], m
+            assert not set(m.split()) & other, m
+
+
+def _main_style_share(spec: SyntheticSpec) -> float:
+    """Mean over users of the share of their events whose item has the user's most frequent style."""
+    d = generate(spec)
+    style = dict(zip(d.items["item_id"], (_styles_in(t)[0] for t in d.items["text"])))
+    per_user = d.events.assign(style=d.events["item_id"].map(style)).groupby("user_id")["style"]
+    return float(per_user.agg(lambda s: s.value_counts(normalize=True).iloc[0]).mean())
+
+
+def test_users_mostly_pick_their_preferred_style():
+    preferred = _main_style_share(SyntheticSpec(num_users=200, seed=5))
+    neutral = _main_style_share(SyntheticSpec(num_users=200, style_strength=1 / 6, seed=5))
+    # Default style_strength 0.8 (a little less in practice: favoured items run out); with six equally
+    # liked styles the most frequent one is chance, 1/6 plus the noise of ~20 draws.
+    assert preferred > 0.6 and neutral < 0.4
+    assert preferred > neutral + 0.3
 
 
 def _silo_spread(spec: SyntheticSpec) -> float:
@@ -90,7 +134,9 @@ def test_like_and_purchase_depend_on_affinity():
 
 @pytest.mark.parametrize("field, value", [("num_users", 0), ("num_silos", 0), ("min_events", 0),
                                           ("max_events", 2), ("num_items", 5), ("silo_skew", 0.0),
-                                          ("seed", -1), ("num_users", 2.5)])
+                                          ("seed", -1), ("num_users", 2.5), ("style_strength", 1.5),
+                                          ("style_strength", -0.1), ("style_strength", float("nan")),
+                                          ("style_strength", "high")])
 def test_spec_validation_names_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         SyntheticSpec(**{"min_events": 3, field: value})

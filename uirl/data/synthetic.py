@@ -9,10 +9,10 @@ Structure that makes learning possible and measurable:
   is independent of the topic: every item has exactly one, balanced over items and topics, and its
   title carries one or two of that style's markers ("easy", "for beginners"; "premium", "in
   style"; ...). Interests are topic x style: a user mostly wants one style across all topics.
-* An item has a primary topic (its ``category``) and, with probability 0.15, one word of a
-  secondary topic. Its text is a 7-12 word title of 3-4 topic words, 1-2 style markers and 1-2
-  generic words ("The easy guide for cycling, yoga and hotels"). Popularity is Zipf-like
-  (exponent 0.8).
+* An item has a primary topic (its ``category``) and, with probability 0.4, one word of a
+  secondary topic. Its text is a 7-12 word title of 3-4 topic words, 1-2 style markers (two in
+  one title of eight) and 1-2 generic words ("The easy guide for cycling, yoga and hotels").
+  Popularity is Zipf-like (exponent 0.8).
 * A user's topic mixture favours one or two clusters, spread over the cluster's topics, plus 10 %
   uniform background. It drifts: event j of n uses ``(1 - j/(n-1)) * start + j/(n-1) * end``,
   where ``end`` re-draws the within-cluster weights, so recent events predict the next best.
@@ -89,31 +89,43 @@ TOPIC_NAMES: tuple[str, ...] = tuple(TOPICS)
 #: Groups of correlated topics: a user's interests spread over one or two of these.
 CLUSTERS: tuple[tuple[str, ...], ...] = (("sports", "health", "travel"), ("technology", "gaming", "science"),
                                         ("cooking", "gardening", "fashion"), ("music", "film", "books"))
-#: Style facet: style name -> its marker words and phrases (each in exactly one style).
+#: Style facet: style name -> its markers, 6 modifiers (stand before a noun) then 6 phrases (end a
+#: title part). Every marker belongs to one style and appears in no topic or generic word list.
 STYLES: dict[str, tuple[str, ...]] = {
-    "beginner": ("easy", "beginner", "starter", "for beginners", "from scratch", "for first-timers"),
-    "expert": ("advanced", "in-depth", "masterclass", "for experts", "for professionals", "for specialists"),
-    "budget": ("cheap", "budget", "affordable", "on a budget", "for less", "on a shoestring"),
-    "luxury": ("premium", "luxury", "exclusive", "in style", "for connoisseurs", "at its finest"),
-    "quick": ("quick", "five-minute", "fast", "in minutes", "on the go", "in a hurry"),
-    "family": ("family", "kid-friendly", "family-friendly", "for kids", "for the whole family", "together"),
+    "beginner": ("easy", "beginner", "starter", "introductory", "gentle", "entry-level",
+                 "for beginners", "from scratch", "for first-timers", "for newcomers", "step by step",
+                 "made simple"),
+    "expert": ("advanced", "in-depth", "masterclass", "expert", "professional", "technical",
+               "for experts", "for professionals", "for specialists", "in detail", "for serious enthusiasts",
+               "for the pros"),
+    "budget": ("cheap", "budget", "affordable", "low-cost", "thrifty", "bargain",
+               "on a budget", "for less", "on a shoestring", "without breaking the bank", "for pennies",
+               "at half price"),
+    "luxury": ("premium", "luxury", "exclusive", "high-end", "deluxe", "lavish",
+               "in style", "for connoisseurs", "at its finest", "the five-star way", "for the discerning",
+               "first class"),
+    "quick": ("quick", "five-minute", "fast", "speedy", "rapid", "last-minute",
+              "in minutes", "on the go", "in a hurry", "in no time", "at a glance", "for busy people"),
+    "family": ("family", "kid-friendly", "all-ages", "household", "shared", "parent-approved",
+               "for everyone", "for the whole family", "together", "for all ages", "for young and old",
+               "for little ones"),
 }
 STYLE_NAMES: tuple[str, ...] = tuple(STYLES)
-_STYLE_MODIFIERS = 3  # the first 3 markers of a style stand before a noun ({m}); the rest end a phrase ({p})
+_STYLE_MODIFIERS = 6
 GENERIC_ADJECTIVES = ("new", "best", "essential", "top", "weekly", "complete", "practical", "modern",
                       "ultimate", "everyday", "popular", "trusted")
 GENERIC_NOUNS = ("guide", "review", "report", "update", "notes", "tips", "handbook", "basics", "ideas",
                  "digest", "overview", "insights", "primer", "roundup")
 # {0}..{3}: topic words; {a}: generic adjective; {n}: generic noun; {m}: style modifier; {p}: style
-# phrase (1-4 words). 7-12 words each; every template has 1 or 2 style markers.
+# phrase (1-4 words). 7-12 words each; 7 templates carry one style marker, 1 carries two.
 _TEMPLATES = (("the {m} {n} for {0}, {1} and {2}", 3), ("{a} {n}: {0} and {1} with {2} {p}", 3),
-              ("{m} {0} and {1} {n} with {a} {2}", 3), ("{0} {n}: {m} {1}, {2} and {3} {p}", 4),
-              ("why {0} and {1} matter: {m} {n} on {2}", 3), ("{m} {n} on {0}, {1} and {2} {p}", 3),
-              ("{0}, {1} and {2} {p}: the {a} {n}", 3), ("{a} {m} {n} for {0}, {1} and {2}", 3))
+              ("{m} {0} and {1} {n} with {a} {2}", 3), ("{0} {n}: {a} {1}, {2} and {3} {p}", 4),
+              ("why {0} and {1} matter: {m} {n} on {2}", 3), ("{a} {n} on {0}, {1} and {2} {p}", 3),
+              ("{0}, {1} and {2} {p}: the {a} {n}", 3), ("{a} {m} {n} for {0}, {1} and {2} {p}", 3))
 
 _BASE_TIME = 1_700_000_000  # seconds; user timelines start within 180 days after it
 _ZIPF_EXPONENT = 0.8
-_SECONDARY_P = 0.15
+_SECONDARY_P = 0.40
 _BACKGROUND = 0.10
 _STYLE_FLOOR = 1e-6  # an off-style item stays possible when style_strength = 1 exhausts the main style
 
@@ -130,7 +142,7 @@ class SyntheticSpec:
     min_events: int = 8
     max_events: int = 30
     silo_skew: float = 0.3
-    style_strength: float = 0.75
+    style_strength: float = 0.8
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -181,9 +193,10 @@ def _make_items(spec: SyntheticSpec, rng: np.random.Generator
                 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
     """Items table, primary topic index, style index and popularity weight per item."""
     n, num_topics, num_styles = spec.num_items, len(TOPIC_NAMES), len(STYLE_NAMES)
-    # Balanced over topics (every topic has items), over styles, and over (topic, style) pairs.
-    cell = rng.permutation(np.arange(n) % (num_topics * num_styles))
-    primary, style = cell % num_topics, cell // num_topics
+    primary = rng.permutation(np.arange(n) % num_topics)  # balanced: every topic has items
+    # Styles cycle through each topic's items in turn: balanced overall and within every topic.
+    style = np.empty(n, dtype=np.int64)
+    style[np.argsort(primary, kind="stable")] = rng.permutation(num_styles)[np.arange(n) % num_styles]
     popularity = 1.0 / (rng.permutation(n) + 1.0) ** _ZIPF_EXPONENT
     texts = []
     for t, st in zip(primary, style):
