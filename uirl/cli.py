@@ -1,6 +1,7 @@
 """The ``uirl`` command line.
 
-    uirl show RUN_DIR        the round-by-round table and each silo's privacy spend of a run
+Each subcommand lives in its own module under :mod:`uirl.commands` and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` (``args -> exit status``).
 
 Errors a user can cause print one line (``uirl: ...``) and exit with status 2.
 """
@@ -8,43 +9,27 @@ Errors a user can cause print one line (``uirl: ...``) and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
-from pathlib import Path
 
 from uirl.errors import UirlError
-from uirl.tables import print_table
+
+#: Modules under ``uirl.commands`` whose ``register`` adds a subcommand, in help order.
+COMMANDS = (
+    "show",
+)
 
 
-def _show(args: argparse.Namespace) -> int:
-    run = Path(args.run_dir)
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file():
-        raise UirlError(f"{run}: not a run directory (no metrics.jsonl)")
-    rows = []
-    for n, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise UirlError(f"{metrics} line {n}: not valid JSON") from None
-    print_table(rows, title=f"uirl run {run.name}")
-    ledger = run / "privacy_ledger.json"
-    if ledger.is_file():
-        for silo, entry in sorted(json.loads(ledger.read_text(encoding="utf-8")).items()):
-            eps, target = entry.get("epsilon"), entry.get("target-epsilon")
-            print(f"silo {silo}: epsilon {eps:.3f} of {target} at delta {entry.get('delta')} "
-                  f"(user-level, noise {entry.get('noise-multiplier', 0):.3f}, "
-                  f"sample rate {entry.get('sample-rate', 0):.4f}) after round {entry.get('round')}")
-    return 0
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uirl", description="uirl: federated, private user interest models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"uirl.commands.{name}").register(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="uirl", description="uirl: federated, private user interest models")
-    sub = parser.add_subparsers(dest="command", required=True)
-    show = sub.add_parser("show", help="print a run's round table and privacy spend")
-    show.add_argument("run_dir")
-    show.set_defaults(func=_show)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UirlError as exc:

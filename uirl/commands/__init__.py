@@ -1,0 +1,1 @@
+"""Subcommands of the ``uirl`` command line (see :mod:`uirl.cli`)."""
