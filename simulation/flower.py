@@ -38,7 +38,29 @@ FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Deprecation chatter from transformers/Ray inside every simulated client; nothing to act on.
+    "PYTHONWARNINGS": "ignore::FutureWarning",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
+
+#: Flower's per-round INFO/DEBUG log lines (printed twice: console and file format). The concise
+#: view hides them; ``--verbose`` shows everything, and the full log is always kept (see main).
+_CHATTER = re.compile(r"^(\x1b\[\d+m)?(INFO|DEBUG)\b|^\d\d/\d\d/\d{4} [\d:]+:(INFO|DEBUG):")
+
+
+class ConciseLog:
+    """Writes the lines a user wants to see (uirl's round lines and table, Flower's warnings and
+    errors, tracebacks) to ``out``; drops Flower's INFO/DEBUG chatter."""
+
+    def __init__(self, out=sys.stdout) -> None:
+        self.out = out
+
+    def write(self, line: str) -> None:
+        if not _CHATTER.match(line):
+            self.out.write(line)
+
+    def flush(self) -> None:
+        self.out.flush()
 
 CONFIG_TOML = """[superlink]
 default = "local"
@@ -145,8 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supernodes", type=int, default=3, help="number of simulated silos (default 3)")
     parser.add_argument("--run-config", default=None, help='overrides, e.g. "num-server-rounds=3 dp=false"')
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--verbose", action="store_true", help="also show Flower's INFO/DEBUG log lines")
     args = parser.parse_args(argv)
-    status, _ = run(supernodes=args.supernodes, run_config=args.run_config, cpus_per_client=args.cpus_per_client)
+    status, text = run(supernodes=args.supernodes, run_config=args.run_config, cpus_per_client=args.cpus_per_client,
+                       log=sys.stdout if args.verbose else ConciseLog())
+    run_dir = re.findall(r"^uirl: run directory (.+)$", text, flags=re.MULTILINE)
+    if run_dir and (ROOT / run_dir[0]).is_dir():
+        (ROOT / run_dir[0] / "flower.log").write_text(text, encoding="utf-8")
+        print(f"uirl: full Flower log in {run_dir[0]}/flower.log", flush=True)
     print(f"uirl: flower run status: {status}", flush=True)
     return 0 if status == "finished:completed" else 1
 

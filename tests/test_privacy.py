@@ -13,6 +13,7 @@ from helpers import tiny_config
 from uirl.model import TextBank
 from uirl.model.build import build_model
 from uirl.privacy import PerUserGradients, PrivacyError, PrivacyLedger, make_dp_optimizer, plan_noise_multiplier
+from uirl.privacy.accountant import RDP_ORDERS
 
 ITEMS = {f"i{k}": text for k, text in enumerate([
     "best marathon running shoes guide", "weekly football match report", "new pasta recipe with basil",
@@ -177,17 +178,38 @@ def test_epsilon_matches_an_independent_accountant_and_grows(accountant):
         for _ in range(steps):
             reference.step(noise_multiplier=sigma, sample_rate=q)
         eps = ledger.epsilon()
-        assert eps == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
+        extra = {"alphas": list(RDP_ORDERS)} if accountant == "rdp" else {}
+        assert eps == pytest.approx(reference.get_epsilon(delta=1e-5, **extra), rel=1e-9)
         assert eps > previous
         previous = eps
     # Survives a round trip through JSON (node state, checkpoints).
     assert PrivacyLedger.from_json(ledger.to_json()).epsilon() == pytest.approx(previous, rel=1e-12)
     if accountant == "rdp":
         # And equals the RDP analysis computed by hand from the closed-form orders.
-        orders = RDPAccountant.DEFAULT_ALPHAS
+        orders = list(RDP_ORDERS)
         rdp = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=3 * steps, orders=orders)
         eps_by_hand, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
         assert previous == pytest.approx(eps_by_hand, rel=1e-9)
+        # The extra orders only ever tighten Opacus's default conversion.
+        assert previous <= reference.get_epsilon(delta=1e-5) + 1e-12
+
+
+def test_large_epsilon_uses_orders_beyond_opacus_defaults():
+    # Much noise, few steps (small epsilon, and the high-noise end of the noise planner's search):
+    # the optimal RDP order lies above Opacus's largest default (63), so the extended orders give
+    # a strictly tighter, still valid epsilon.
+    sigma, q, steps = 4.0, 0.05, 10
+    ledger = PrivacyLedger(accountant="rdp", noise_multiplier=sigma, sample_rate=q,
+                           target_epsilon=100.0, target_delta=1e-5)
+    ledger.record(steps)
+    reference = RDPAccountant()
+    for _ in range(steps):
+        reference.step(noise_multiplier=sigma, sample_rate=q)
+    rdp = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(RDP_ORDERS))
+    eps_by_hand, best_order = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=1e-5)
+    assert best_order > 63
+    assert ledger.epsilon() == pytest.approx(eps_by_hand, rel=1e-9)
+    assert ledger.epsilon() < reference.get_epsilon(delta=1e-5)
 
 
 def test_budget_refusal_happens_exactly_when_the_next_round_would_exceed_it():

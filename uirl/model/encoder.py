@@ -8,6 +8,7 @@ Mistral, ...). Nothing is downloaded: the model is a local path, the weights shi
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,10 @@ def load_encoder(cfg: ModelConfig, *, seed: int = 0) -> Encoder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = get_peft_model(base, lora)
+            with warnings.catch_warnings():
+                # peft probes a transformers attribute deprecated in 5.x; nothing for a user to act on.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = get_peft_model(base, lora)
         except ValueError as exc:
             raise ConfigError(f"LoRA targets not found in the model: {exc}", field="lora-targets",
                               value=cfg.lora_targets) from None

@@ -18,6 +18,17 @@ from opacus.accountants.utils import get_noise_multiplier
 from uirl.errors import UirlError
 
 
+#: RDP orders searched when converting to (epsilon, delta): Opacus's defaults (1.1 .. 63) plus
+#: larger orders. With few steps or little noise (large target epsilon) the optimum lies above 63
+#: and the defaults report a looser epsilon than the mechanism has; more orders never loosen it.
+RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+                                      + list(range(64, 256, 8)) + [256, 384, 512, 768, 1024])
+
+
+def _epsilon_kwargs(accountant: str) -> dict:
+    return {"alphas": list(RDP_ORDERS)} if accountant == "rdp" else {}
+
+
 class PrivacyError(UirlError):
     """A privacy guarantee would be broken (budget exhausted, corrupt ledger, wrong per-user shape)."""
 
@@ -29,7 +40,7 @@ def plan_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_
     try:
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
                                           sample_rate=sample_rate, steps=steps, accountant=accountant,
-                                          epsilon_tolerance=0.01))
+                                          epsilon_tolerance=0.01, **_epsilon_kwargs(accountant)))
     except ValueError as exc:
         raise PrivacyError(f"cannot reach epsilon={target_epsilon} at delta={target_delta} with "
                            f"sample rate {sample_rate:.4g} over {steps} steps: {exc}") from None
@@ -78,7 +89,7 @@ class PrivacyLedger:
             return 0.0
         if self.noise_multiplier == 0:
             return math.inf
-        return float(acc.get_epsilon(delta=self.target_delta))
+        return float(acc.get_epsilon(delta=self.target_delta, **_epsilon_kwargs(self.accountant)))
 
     def can_afford(self, steps: int) -> bool:
         return self.epsilon_after(steps) <= self.target_epsilon
