@@ -22,7 +22,7 @@ from uirl.data import UserData, sample_training_example
 from uirl.errors import UirlError
 from uirl.metrics import mean_metrics, ranking_metrics
 from uirl.model import InterestModel, TextBank
-from uirl.privacy import PerUserGradients, PrivacyError, PrivacyLedger, make_dp_optimizer
+from uirl.privacy import PerUserGradients, PrivacyError, PrivacyLedger, make_dp_optimizer, secure_sampling_rng
 
 
 class TrainingError(UirlError):
@@ -81,7 +81,7 @@ def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
     optimizer = torch.optim.Adam(params, lr=cfg.train.lr)
     expected = q * len(users)
     example_rng = np.random.default_rng(example_seed)
-    sample_rng = np.random.default_rng(None if ledger is not None else example_seed)
+    sample_rng = secure_sampling_rng() if ledger is not None else np.random.default_rng(example_seed)
     all_items = bank.item_ids
     pug = None
     if ledger is not None:

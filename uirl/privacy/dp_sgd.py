@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
 
@@ -17,6 +18,12 @@ def secure_generator(device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded from the OS entropy pool. DP noise must never come from a seed written in
     a public config: whoever knows the seed could subtract the noise."""
     return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def secure_sampling_rng() -> np.random.Generator:
+    """A generator for the Poisson sampling of users, seeded from the OS entropy pool: the
+    amplification-by-sampling argument needs the sampled set to stay secret."""
+    return np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
 
 
 def make_dp_optimizer(optimizer: torch.optim.Optimizer, *, noise_multiplier: float, clip_norm: float,
