@@ -213,3 +213,30 @@ def read_manifest(directory: Path, *, key: str = "dataset") -> dict:
         raise DataError(f"expected uirl-dataset {DATASET_VERSION}", file=str(path), field="uirl-dataset",
                         value=manifest.get("uirl-dataset"))
     return manifest
+
+
+def resplit(directory: str | os.PathLike, options: ConvertOptions) -> dict:
+    """Recompute ``split.parquet`` of a converted directory (other negatives, seed or threshold).
+
+    The new split is written to a temporary file and renamed over the old one, then the manifest is
+    replaced the same way; a failure leaves the previous split and manifest in place."""
+    root = Path(directory)
+    manifest = read_manifest(root, key="DIR")
+    events = pq.read_table(root / "events.parquet")
+    items = pq.read_table(root / "items.parquet")
+    impressions = pq.read_table(root / "impressions.parquet") if (root / "impressions.parquet").exists() else None
+    split = make_split(events, items, impressions, options)
+    if len(split) == 0:
+        raise DataError("no user has enough positive events with these options", file=str(root))
+    fd, tmp = tempfile.mkstemp(prefix=".split.", suffix=".parquet", dir=root)
+    os.close(fd)
+    try:
+        _write(split, Path(tmp))
+        os.replace(tmp, root / "split.parquet")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    manifest["options"] = {**manifest.get("options", {}), **asdict(options)}
+    manifest["counts"]["evaluated-users"] = len(split)
+    write_manifest(root, manifest)
+    return manifest

@@ -166,6 +166,8 @@ def impression_split(events: pa.Table, impressions: pa.Table, pool: Sequence[str
 
 def read_split(path: Path, user_ids: Sequence[str] | None = None) -> list[UserData]:
     """The fixed lists of ``user_ids`` (all users if None), sorted by user id."""
+    if user_ids is not None and not user_ids:
+        return []
     filters = None if user_ids is None else [("user_id", "in", list(user_ids))]
     table = pq.read_table(path, columns=list(SPLIT_COLUMNS), filters=filters).sort_by("user_id")
     columns = [table[c].to_pylist() for c in SPLIT_COLUMNS]

@@ -16,6 +16,8 @@ lazily, keeping ``import uirl`` light.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 
 import pandas as pd
@@ -68,7 +70,8 @@ def assign(users: pd.DataFrame, *, partitioning: str, partition_by: str, alpha: 
     else:
         raise ConfigError(f"expected one of {', '.join(PARTITIONINGS)}", field="partitioning", value=partitioning)
     try:
-        with warnings.catch_warnings():
+        # Quiet: retry warnings (Dirichlet) and a progress bar (natural ids) are noise here.
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             parts = [sorted(partitioner.load_partition(i)["user_id"]) for i in range(num_partitions)]
     except ValueError as exc:  # Dirichlet: some silo stayed empty in every retry

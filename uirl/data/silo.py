@@ -97,6 +97,9 @@ def _converted_silo(data: DataConfig, silo: SiloConfig, seed: int) -> Silo:
     users = pq.read_table(root / "user_attributes.parquet").to_pandas()
     mine = _silo_users(users, data, silo, seed)
     split = read_split(root / "split.parquet", mine)
+    where = f"{len(mine)} users in {root}, none of them evaluable"
+    if not split:
+        return _finish(silo, data, split, {}, {}, seed, where)
     events = pq.read_table(root / "events.parquet", columns=["user_id", "item_id"],
                            filters=[("user_id", "in", [u.user_id for u in split])])
     touched: dict[str, set] = {}
@@ -104,8 +107,7 @@ def _converted_silo(data: DataConfig, silo: SiloConfig, seed: int) -> Silo:
         touched.setdefault(user, set()).add(item)
     items = pq.read_table(root / "items.parquet", columns=["item_id", "text"])
     item_text = dict(zip(items["item_id"].to_pylist(), items["text"].to_pylist()))
-    return _finish(silo, data, split, {u: frozenset(s) for u, s in touched.items()}, item_text, seed,
-                   f"{len(mine)} users in {root}, none of them evaluable")
+    return _finish(silo, data, split, {u: frozenset(s) for u, s in touched.items()}, item_text, seed, where)
 
 
 @functools.lru_cache(maxsize=8)
