@@ -96,9 +96,7 @@ def _core(events: pa.Table, k: int) -> pa.Table:
 def _users(events: pa.Table, items: pa.Table, attributes: pa.Table | None, source: str) -> pa.Table:
     codes, names = user_codes(events)
     item_code = pc.index_in(events["item_id"], value_set=items["item_id"]).to_numpy(zero_copy_only=False)
-    cats = pc.fill_null(items["category"], "unknown").combine_chunks() if isinstance(items["category"], pa.ChunkedArray) \
-        else pc.fill_null(items["category"], "unknown")
-    cat_enc = pc.dictionary_encode(cats)
+    cat_enc = pc.dictionary_encode(pc.fill_null(items["category"].combine_chunks(), "unknown"))
     cat_code = cat_enc.indices.to_numpy()[item_code]
     ncat = len(cat_enc.dictionary)
     pair = codes * ncat + cat_code
