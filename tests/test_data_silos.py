@@ -100,3 +100,19 @@ def test_federated_round_on_a_converted_dataset(ml_dir, tiny_bert):
         evaluated = local_evaluate(cfg, silo, arrays)
         assert 0.0 <= evaluated["auc"] <= 1.0 and evaluated["num-examples"] == 30
         assert len(_worker(cfg, silo)[1].users[0].test_candidates) == 10  # the converted lists (9 negatives)
+
+
+def test_mind_candidate_lists_of_different_lengths_are_scored_per_user(tmp_path, tiny_bert):
+    src = pf.write_mind(tmp_path / "MINDsmall_train")
+    with open(src / "behaviors.tsv", "a", encoding="utf-8") as f:
+        f.write("4\tU55555\t11/14/2019 7:00:00 AM\tN55528 N19639 N61837 N53526\tN2073-1 N49186-0\n")
+    convert("mind", src, tmp_path / "mind", ConvertOptions(negatives=2))
+    cfg = tiny_config(tiny_bert, **{"dataset": str(tmp_path / "mind"), "partitioning": "iid"})
+    silo = SiloConfig(partition_id=0, num_partitions=1)
+    users = {u.user_id: u for u in load_silo(cfg.data, silo, seed=0).users}
+    assert len(users["U13740"].test_candidates) == 3 and len(users["U55555"].test_candidates) == 2
+    assert users["U55555"].valid_target == "N53526"  # one eligible impression: validation falls back
+    model, _ = build_model(cfg)
+    state = {k: v.numpy().copy() for k, v in model.adapter_state().items()}
+    metrics = local_evaluate(cfg, silo, state)
+    assert metrics["num-examples"] == 2 and 0.0 <= metrics["auc"] <= 1.0
