@@ -201,8 +201,9 @@ def read_manifest(directory: Path, *, key: str = "dataset") -> dict:
     path = directory / MANIFEST
     if not path.is_file():
         what = "does not exist" if not directory.exists() else "is not a converted dataset (no manifest.json)"
-        raise ConfigError(f"{what}; give 'synthetic' or a directory written by `uirl data convert` "
-                          f"(an absolute path)", field=key, value=str(directory))
+        expected = ("give 'synthetic' or a directory written by `uirl data convert` (an absolute path)"
+                    if key == "dataset" else "expected a directory written by `uirl data convert`")
+        raise ConfigError(f"{what}; {expected}", field=key, value=str(directory))
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
