@@ -52,7 +52,10 @@ class ModelConfig:
 class DataConfig:
     """Which data, and the evaluation protocol (fixed candidates, history caps)."""
 
-    dataset: str = "synthetic"
+    dataset: str = "synthetic"  # "synthetic" or a directory written by `uirl data convert`
+    partitioning: str = "auto"  # auto | iid | natural | dirichlet (users -> silos)
+    partition_by: str = ""  # user column for natural/dirichlet ("" = silo / top_category)
+    dirichlet_alpha: float = 0.5
     synthetic_users: int = 600
     synthetic_items: int = 800
     silo_skew: float = 0.3
@@ -62,7 +65,11 @@ class DataConfig:
     eval_max_users: int = 0  # 0 = every user of the silo; otherwise a fixed seeded subset
 
     def __post_init__(self) -> None:
-        _check(self.dataset == "synthetic", "dataset", self.dataset, "'synthetic' (the only dataset so far)")
+        _check(bool(self.dataset.strip()), "dataset", self.dataset,
+               "'synthetic' or the directory of a dataset converted by `uirl data convert`")
+        _check(self.partitioning in ("auto", "iid", "natural", "dirichlet"), "partitioning", self.partitioning,
+               "auto, iid, natural or dirichlet")
+        _check(self.dirichlet_alpha > 0, "dirichlet-alpha", self.dirichlet_alpha, "a number > 0")
         _check(self.synthetic_users >= 10, "synthetic-users", self.synthetic_users, "an integer >= 10")
         _check(self.synthetic_items >= 50, "synthetic-items", self.synthetic_items, "an integer >= 50")
         _check(self.silo_skew > 0, "silo-skew", self.silo_skew, "a number > 0")
@@ -155,6 +162,9 @@ _KEYS: dict[str, tuple[str, str]] = {
     "ffa-lora": ("model", "ffa_lora"),
     "temperature": ("model", "temperature"),
     "dataset": ("data", "dataset"),
+    "partitioning": ("data", "partitioning"),
+    "partition-by": ("data", "partition_by"),
+    "dirichlet-alpha": ("data", "dirichlet_alpha"),
     "synthetic-users": ("data", "synthetic_users"),
     "synthetic-items": ("data", "synthetic_items"),
     "silo-skew": ("data", "silo_skew"),

@@ -16,9 +16,11 @@ def _show(value: Any) -> str:
 
 
 def _render(message: str, *, file: str | None, row: int | None, field: str | None,
-            value: Any, has_value: bool) -> str:
+            value: Any, has_value: bool, line: int | None = None) -> str:
     where = str(file) if file is not None else ""
-    if row is not None:
+    if line is not None:
+        where = f"{where} line {line}".strip()
+    elif row is not None:
         where = f"{where} row {row}".strip()
     if field is not None:
         where = f"{where}, field {field!r}" if where else f"field {field!r}"
@@ -36,15 +38,17 @@ class UirlError(Exception):
 class DataError(UirlError):
     """Bad input data, e.g. ``events.jsonl row 12, field 'timestamp' = 'abc': expected an integer timestamp``.
 
-    ``row`` is the 0-based data row (header and file lines not counted). ``value=None`` means
+    ``row`` is the 0-based data row (header and file lines not counted); ``line`` the 1-based line
+    of a text file as an editor shows it (named instead of ``row`` when given). ``value=None`` means
     "no value to show"; pass the string ``'None'`` if that is really the offending value.
     """
 
     def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
-                 field: str | None = None, value: Any = None) -> None:
+                 field: str | None = None, value: Any = None, line: int | None = None) -> None:
         self.message, self.file, self.row, self.field, self.value = message, file, row, field, value
+        self.line = line
         super().__init__(_render(message, file=file, row=row, field=field, value=value,
-                                 has_value=value is not None))
+                                 has_value=value is not None, line=line))
 
 
 class ConfigError(UirlError):

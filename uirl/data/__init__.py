@@ -1,4 +1,9 @@
-"""Data: table schema and validation, the synthetic default dataset, and the evaluation split."""
+"""Data: table schema and validation, the synthetic default dataset, and the evaluation split.
+
+Real datasets: :mod:`uirl.data.formats` reads them as published, :mod:`uirl.data.convert` writes a
+converted directory with fixed evaluation lists (:mod:`uirl.data.fixed_split`), and
+:mod:`uirl.data.partition` assigns users to silos; :mod:`uirl.data.silo` loads one silo.
+"""
 
 from uirl.data.schema import (BEHAVIORS, POSITIVE_BEHAVIORS, positive_mask, validate_events,
                               validate_items)

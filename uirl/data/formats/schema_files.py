@@ -1,0 +1,89 @@
+"""The project's own schema (:mod:`uirl.data.schema`) as JSONL, CSV or Parquet files.
+
+INPUT_PATH is a directory with ``items.<ext>`` and ``events.<ext>`` (ext: jsonl, csv or parquet),
+and optionally ``social.<ext>`` (user_id, other_user_id) and ``users.<ext>`` (user_id + attribute
+columns for natural partitioning). Tables are checked by the schema validators, whose errors
+name the file, the row and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from uirl.data.formats.common import EVENT_TYPES, ITEM_TYPES, Tables, text_lines
+from uirl.data.schema import validate_events, validate_items
+from uirl.errors import DataError
+
+_EXTENSIONS = ("jsonl", "csv", "parquet")
+
+
+def _find(root: Path, name: str, required: bool) -> Path | None:
+    found = [root / f"{name}.{ext}" for ext in _EXTENSIONS if (root / f"{name}.{ext}").is_file()]
+    if not found and required:
+        raise DataError(f"file not found (expected {name}.jsonl, {name}.csv or {name}.parquet)",
+                        file=str(root / f"{name}.*"))
+    return found[0] if found else None
+
+
+def _frame(path: Path) -> pd.DataFrame:
+    if path.suffix == ".parquet":
+        try:
+            return pq.read_table(path).to_pandas()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"not a readable Parquet file ({exc})", file=str(path)) from None
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in text_lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"not valid JSON ({exc.msg})", file=str(path), line=number) from None
+            if not isinstance(record, dict):
+                raise DataError("expected a JSON object", file=str(path), line=number)
+            records.append(record)
+        return pd.DataFrame.from_records(records)
+    for _ in text_lines(path):  # decode check first: names the line of a bad byte
+        pass
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"not valid CSV ({' '.join(str(exc).split())})", file=str(path)) from None
+
+
+def read(path: Path, *, skip_unknown: bool = False) -> Tables:
+    root = path if path.is_dir() else path.parent
+    if not root.exists():
+        raise DataError("no such directory", file=str(path))
+    items_path, events_path = _find(root, "items", True), _find(root, "events", True)
+    items = validate_items(_frame(items_path), source=str(items_path))
+    raw = _frame(events_path)
+    if skip_unknown and "item_id" in raw.columns:
+        raw = raw[raw["item_id"].astype(str).isin(set(items["item_id"]))].reset_index(drop=True)
+    events = validate_events(raw, items, source=str(events_path))
+    social = users = None
+    if (social_path := _find(root, "social", False)) is not None:
+        frame = _frame(social_path)
+        for column in ("user_id", "other_user_id"):
+            if column not in frame.columns:
+                raise DataError("missing required column", file=str(social_path), field=column)
+        social = pa.table({c: pa.array(frame[c].astype(str).tolist(), pa.string())
+                           for c in ("user_id", "other_user_id")})
+    if (users_path := _find(root, "users", False)) is not None:
+        frame = _frame(users_path)
+        if "user_id" not in frame.columns:
+            raise DataError("missing required column", file=str(users_path), field="user_id")
+        users = pa.Table.from_pandas(frame.astype({"user_id": str}), preserve_index=False)
+    item_table = pa.table({c: pa.array(items[c].astype(object).where(items[c].notna(), None).tolist(), t)
+                           for c, t in ITEM_TYPES.items() if c in items.columns})
+    if "category" not in item_table.column_names:
+        item_table = item_table.append_column("category", pa.nulls(len(item_table), pa.string()))
+    event_table = pa.table({c: pa.array(events[c].astype(object).where(events[c].notna(), None).tolist(), t)
+                            for c, t in EVENT_TYPES.items() if c in events.columns})
+    return Tables(items=item_table, events=event_table, users=users, social=social)
