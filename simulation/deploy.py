@@ -108,9 +108,11 @@ class Deployment:
         overrides = f"run-dir='{self.workdir / 'runs'}' {run_config or ''}".strip()
         return cmd + ["--run-config", overrides]
 
-    def run_app(self, run_config: str | None, *, log=sys.stdout, app: Path = ROOT) -> tuple[str, str]:
+    def run_app(self, run_config: str | None, *, log=sys.stdout, app: Path = ROOT, timeout: float | None = None
+                ) -> tuple[str, str]:
         """Run the app on the SuperNodes; return (final status, everything ``flwr run`` printed)."""
-        run_id, text, code = stream_run(self.run_command(run_config, app), cwd=app, env=self.env, log=log)
+        run_id, text, code = stream_run(self.run_command(run_config, app), cwd=app, env=self.env, log=log,
+                                        timeout=timeout)
         status = run_status(run_id, CONNECTION, self.env) if run_id else f"no run started (flwr exit {code})"
         return status, text
 

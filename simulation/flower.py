@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from simulation.processes import ROOT, executable, flower_env, run_status, stop_group, stream_run
+from simulation.processes import ROOT, executable, flower_env, run_status, stop_tree, stream_run
 
 #: Flower's per-round INFO/DEBUG log lines (printed twice: console and file format). The concise
 #: view hides them; ``--verbose`` shows everything, and the full log is always kept (see main).
@@ -67,12 +67,9 @@ def _superlink_pids(port: str) -> list[int]:
 
 
 def stop_superlink(env: dict[str, str]) -> None:
-    """Stop the local SuperLink that ``flwr run`` started in the background (by its PID's group)."""
+    """Stop the local SuperLink that ``flwr run`` started in the background, and its children."""
     for pid in _superlink_pids(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]):
-        try:
-            stop_group(os.getpgid(pid))
-        except ProcessLookupError:
-            continue
+        stop_tree(pid)
 
 
 def run(*, supernodes: int, run_config: str | None, cpus_per_client: float, app: Path = ROOT,

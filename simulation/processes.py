@@ -1,8 +1,9 @@
 """Starting and stopping Flower's processes safely: environment, free ports, run status, PIDs.
 
 Shared by :mod:`simulation.flower` (a local simulation) and :mod:`simulation.deploy` (a SuperLink
-and SuperNodes as real processes). Everything started here runs in its own process group and is
-stopped by that group's id -- never by a name pattern that could hit someone else's processes.
+and SuperNodes as real processes). Everything started here is stopped by its PID, together with
+the processes it started (found through ``/proc``) -- never by a name pattern that could hit
+someone else's processes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,23 +74,55 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def stop_group(pid: int, *, grace: float = 10.0) -> None:
-    """SIGTERM the process group led by ``pid``, then SIGKILL whatever is left after ``grace`` s."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.time() + grace
-    while time.time() < deadline:
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of ``pid`` (Flower detaches some children into their own sessions,
+    so a process group alone does not reach them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(pid, 0)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+            pass
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z":
+                alive.append(pid)
+        except (OSError, IndexError):
+            pass
+    return alive
+
+
+def stop_tree(pid: int, *, grace: float = 10.0) -> None:
+    """Stop the process ``pid`` leads and everything it started: SIGTERM, then SIGKILL whatever
+    is left after ``grace`` seconds (``grace=0``: SIGKILL at once, as a crash would)."""
+    tree = [pid, *descendants(pid)]
+    if grace > 0:
+        _signal_all(tree, signal.SIGTERM)
+        deadline = time.time() + grace
+        while time.time() < deadline and _alive(tree):
+            time.sleep(0.1)
+    _signal_all(_alive(tree + descendants(pid)), signal.SIGKILL)
 
 
 class Processes:
@@ -113,9 +147,10 @@ class Processes:
         return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
 
     def stop(self, name: str, *, grace: float = 10.0) -> None:
+        """Stop process ``name`` and its descendants (``grace=0``: kill at once, like a crash)."""
         proc = self.procs.pop(name, None)
         if proc is not None:
-            stop_group(proc.pid, grace=grace)
+            stop_tree(proc.pid, grace=grace)
             proc.wait(timeout=grace + 5)
 
     def stop_all(self) -> None:
@@ -140,12 +175,17 @@ def run_status(run_id: int, connection: str, env: dict[str, str]) -> str:
         return f"unknown ({out.stdout.strip()[:200]} {out.stderr.strip()[:200]})"
 
 
-def stream_run(cmd: list[str], *, cwd: Path, env: dict[str, str], log) -> tuple[int | None, str, int]:
-    """Run ``flwr run ... --stream``; echo its output to ``log``; return (run id, output, exit code)."""
+def stream_run(cmd: list[str], *, cwd: Path, env: dict[str, str], log, timeout: float | None = None
+               ) -> tuple[int | None, str, int]:
+    """Run ``flwr run ... --stream``; echo its output to ``log``; return (run id, output, exit code).
+    After ``timeout`` seconds the command is stopped (the run's status then tells what happened)."""
     lines: list[str] = []
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     assert proc.stdout is not None
+    timer = threading.Timer(timeout, stop_tree, args=(proc.pid,)) if timeout else None
+    if timer is not None:
+        timer.start()
     try:
         for line in proc.stdout:
             lines.append(line)
@@ -153,8 +193,10 @@ def stream_run(cmd: list[str], *, cwd: Path, env: dict[str, str], log) -> tuple[
             log.flush()
         proc.wait()
     finally:
+        if timer is not None:
+            timer.cancel()
         if proc.poll() is None:
-            stop_group(proc.pid)
+            stop_tree(proc.pid)
     text = "".join(lines)
     found = re.findall(r"run(?: ID)?[ :]+(\d{3,})", text, flags=re.IGNORECASE)
     return (int(found[0]) if found else None), text, proc.returncode

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,10 @@ def load_exported(directory: str | Path, *, base_model: str | None = None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
-    peft_model = PeftModel.from_pretrained(base, str(directory))
+    with warnings.catch_warnings():
+        # peft probes a transformers attribute deprecated in 5.x; nothing for a user to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(base, str(directory))
     encoder = Encoder(model=peft_model, tokenizer=tokenizer, pooling=meta["pooling"],
                       hidden_size=int(base.config.hidden_size), model_name=meta["base-model"])
     model = InterestModel(encoder, temperature=float(meta["temperature"]))
