@@ -73,14 +73,17 @@ class Deployment:
             cwd=self.workdir)
         wait_for_port(self.port, alive=lambda: proc.poll() is None)
 
-    def register(self, silo: int) -> int:
-        """Register silo ``silo``'s public key with the SuperLink; return its node id."""
+    def register(self, silo: int) -> int | None:
+        """Register silo ``silo``'s public key with the SuperLink; return its node id (None if the
+        key was registered before, e.g. by an earlier run in the same work directory)."""
         out = subprocess.run([executable("flwr"), "supernode", "register", str(self.credentials / f"supernode-{silo}.pub"),
                               CONNECTION, "--format", "json"], cwd=ROOT, env=self.env, capture_output=True,
                              text=True, timeout=120)
         try:
             return int(json.loads(out.stdout)["node-id"])
         except (json.JSONDecodeError, KeyError, ValueError):
+            if "already" in (out.stdout + out.stderr).lower():
+                return None
             raise RuntimeError(f"registering silo {silo} failed: {out.stdout[-500:]} {out.stderr[-500:]}") from None
 
     def ledger_path(self, silo: int) -> Path:

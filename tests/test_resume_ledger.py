@@ -66,6 +66,7 @@ def test_a_silo_replays_a_round_it_released_and_never_pays_twice(tmp_path, setti
     # The server crashed and asks for round 1 again with the same global model: the same update, no spend.
     again, m_again, _, err = local_train_durable(cfg, silo, state, ledger_json=None, run="r", server_round=1)
     assert err is None and m_again["replayed"] == 1.0 and m_again["epsilon"] == eps1
+    assert set(m_again) == set(m1)  # the server averages replies only if their metric keys agree
     for name in arrays1:
         np.testing.assert_array_equal(again[name], arrays1[name])
     assert LedgerFile(silo.ledger_path).read().rounds == 1

@@ -144,6 +144,7 @@ def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[st
                        silo_cfg)
     arrays, metrics, new_ledger_json = local_train(cfg, silo_cfg, global_state, ledger_json=ledger_json,
                                                    server_round=server_round)
+    metrics = {**metrics, "replayed": 0.0}  # every reply carries the same keys (FedAvg requires it)
     if file is not None and arrays is not None and new_ledger_json is not None:
         file.write(new_ledger_json, Release(run=run, round=server_round, input_digest=digest,
                                             update_digest=digest_arrays(arrays), metrics=metrics), arrays)
