@@ -31,6 +31,10 @@ from uirl.tables import print_table, round_line
 
 app = ServerApp()
 
+#: Seconds the server waits for the replies of one round (as Flower's own ``Strategy.start``); a
+#: silo that has not answered by then is left out of that round.
+REPLY_TIMEOUT = 3600.0
+
 
 class _Recorder:
     """Collects per-silo replies into one row per round, prints it, writes the run directory."""
@@ -116,20 +120,23 @@ def main(grid: Grid, context: Context) -> None:
         save_adapter(model, directory, meta={"base-model": encoder.model_name, "run-config": to_run_config(cfg)})
 
     if done == 0:  # round 0: the pretrained model before any federated training
-        replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, ConfigRecord(), grid))
+        replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, ConfigRecord(), grid),
+                                        timeout=REPLY_TIMEOUT)
         strategy.aggregate_evaluate(0, replies)
     for server_round in range(done + 1, fed.num_rounds + 1):
         train_config = ConfigRecord({"run-name": run.path.name, "silo-rounds": _silo_rounds(run.ledger)})
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid))
+        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid),
+                                        timeout=REPLY_TIMEOUT)
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
             arrays = aggregated
-        replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                                        timeout=REPLY_TIMEOUT)
         strategy.aggregate_evaluate(server_round, replies)
         values = _to_numpy(arrays)
         save_checkpoint(run.path, server_round, values, strategy={"name": type(strategy).__name__},
                         rounds=run.rounds, ledger=run.ledger, keep=fed.checkpoint_keep,
-                        write_adapter=lambda d, v=values: write_adapter(d, v))
+                        write_adapter=lambda directory: write_adapter(directory, values))
 
     write_adapter(run.path / "final", _to_numpy(arrays))
     print_table(run.rounds, title=f"uirl run {run.path.name}")

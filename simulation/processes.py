@@ -114,7 +114,7 @@ def _alive(pids: list[int]) -> list[int]:
 
 
 def stop_tree(pid: int, *, grace: float = 10.0) -> None:
-    """Stop the process ``pid`` leads and everything it started: SIGTERM, then SIGKILL whatever
+    """Stop process ``pid`` and every process below it: SIGTERM, then SIGKILL whatever
     is left after ``grace`` seconds (``grace=0``: SIGKILL at once, as a crash would)."""
     tree = [pid, *descendants(pid)]
     if grace > 0:
@@ -126,7 +126,7 @@ def stop_tree(pid: int, *, grace: float = 10.0) -> None:
 
 
 class Processes:
-    """Long-running processes started for one deployment, each in its own process group, with its
+    """Long-running processes started for one deployment, each in its own session, with its
     output in a log file. ``stop_all`` (also on leaving a ``with`` block) stops every one by PID."""
 
     def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
