@@ -1,19 +1,18 @@
 """ClientApp: one data silo. Reads its config, runs uirl's local round, replies with records.
 
-The silo's privacy ledger lives in ``context.state`` (node state, kept across rounds in
-simulation) and, when the node config names ``ledger-path``, in that file on the silo's disk.
+The silo's privacy ledger lives in ``context.state`` (node state, kept across rounds of a run)
+and, when the node config names ``ledger-path``, in that file on the silo's disk, written before
+the update leaves the silo (see :mod:`uirl.privacy.ledger_file`). A refusal carries its reason in
+the reply's ``error`` config record, next to the numeric ``status`` metric.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from uirl.config import from_run_config, silo_from_node_config
-from uirl.federated import local_evaluate, local_train
-from uirl.rundir import atomic_write_text
+from uirl.federated import local_evaluate, local_train_durable
 
 app = ClientApp()
 
@@ -24,27 +23,34 @@ def _global_state(msg: Message) -> dict:
     return {name: array.numpy() for name, array in msg.content["arrays"].items()}
 
 
-def _read_ledger(context: Context, ledger_path: str | None) -> str | None:
-    if ledger_path and Path(ledger_path).exists():
-        return Path(ledger_path).read_text(encoding="utf-8")
+def _state_ledger(context: Context) -> str | None:
     if _LEDGER in context.state.config_records:
         return str(context.state.config_records[_LEDGER]["ledger"])
     return None
+
+
+def _expected_rounds(config: ConfigRecord, silo: int) -> int:
+    """Rounds the server recorded this silo as trained ("silo:rounds,..."; set after a resume)."""
+    for pair in str(config.get("silo-rounds", "")).split(","):
+        if pair.partition(":")[0] == str(silo):
+            return int(pair.partition(":")[2])
+    return 0
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config)
     silo = silo_from_node_config(context.node_config)
-    server_round = int(msg.content["config"]["server-round"])
-    arrays, metrics, ledger = local_train(cfg, silo, _global_state(msg),
-                                          ledger_json=_read_ledger(context, silo.ledger_path),
-                                          server_round=server_round)
+    config = msg.content["config"]
+    arrays, metrics, ledger, error = local_train_durable(
+        cfg, silo, _global_state(msg), ledger_json=_state_ledger(context),
+        run=str(config.get("run-name", "")), server_round=int(config["server-round"]),
+        expected_rounds=_expected_rounds(config, silo.partition_id))
     if ledger is not None:
         context.state[_LEDGER] = ConfigRecord({"ledger": ledger})
-        if silo.ledger_path:
-            atomic_write_text(Path(silo.ledger_path), ledger)
     content = RecordDict({"metrics": MetricRecord(metrics)})
+    if error is not None:
+        content["error"] = ConfigRecord({"message": error})
     if arrays is not None:
         content["arrays"] = ArrayRecord({name: Array(value) for name, value in arrays.items()})
     return Message(content=content, reply_to=msg)

@@ -1,9 +1,15 @@
-"""ServerApp: FedAvg over LoRA adapter arrays, federated evaluation from round 0, a run directory.
+"""ServerApp: an explicit train / aggregate / evaluate / checkpoint loop over the Grid.
 
 Round 0 evaluates the untrained (zero-shot pretrained) model on every silo, so the table shows
 what federated training added. Each later round: silos train locally with user-level DP, the
-server validates and averages their adapter updates, then every silo evaluates the new global
-model on its fixed test candidates.
+strategy (validated FedAvg, :mod:`server.strategy`) checks and averages their adapter updates,
+every silo evaluates the new global model, and the server writes a checkpoint of the round
+(:mod:`uirl.checkpoint`). With run-config ``resume`` the loop starts after the last complete
+checkpoint of that run instead of at round 1, so no round is lost or counted twice.
+
+The loop is written out (rather than ``strategy.start``) so checkpoints and resume sit between
+rounds; the strategy object is built in one place (:func:`build_strategy`), where a wrapper
+(for instance client-level central DP) can be slotted around it.
 """
 
 from __future__ import annotations
@@ -14,14 +20,20 @@ import time
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from server.strategy import ValidatingFedAvg
-from uirl.config import from_run_config, to_run_config
+from uirl.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
+from uirl.config import Config, from_run_config, to_run_config
 from uirl.model.build import build_model, save_adapter
 from uirl.rundir import RunDirectory
 from uirl.tables import print_table, round_line
 
 app = ServerApp()
+
+#: Seconds the server waits for the replies of one round (as Flower's own ``Strategy.start``); a
+#: silo that has not answered by then is left out of that round.
+REPLY_TIMEOUT = 3600.0
 
 
 class _Recorder:
@@ -40,10 +52,12 @@ class _Recorder:
         for m in per_silo:
             silo = str(int(m.get("silo", -1)))
             eps[f"epsilon/silo-{silo}"] = m.get("epsilon", math.inf)
-            self.run.record_privacy(server_round, silo, {
-                k: m.get(k) for k in ("status", "epsilon", "delta", "target-epsilon", "noise-multiplier",
-                                      "sample-rate", "steps", "rounds-trained", "accepted", "rejected")
-                if k in m})
+            previous = self.run.ledger.get(silo, {})
+            row = {k: m.get(k) for k in ("status", "epsilon", "delta", "target-epsilon", "noise-multiplier",
+                                         "sample-rate", "steps", "rounds-trained", "accepted", "rejected",
+                                         "replayed", "error") if k in m}
+            # A refusal carries no ledger numbers: keep the last known ones (what the silo has spent).
+            self.run.record_privacy(server_round, silo, {**{k: v for k, v in previous.items() if k != "round"}, **row})
         self.pending[server_round] = {"train-loss": loss, "epsilon": max(eps.values(), default=math.nan),
                                       **dict(sorted(eps.items())),
                                       "silos-trained": len(accepted), "silos-replied": len(per_silo)}
@@ -57,32 +71,73 @@ class _Recorder:
         print(round_line(row), flush=True)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    cfg = from_run_config(context.run_config)
+def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder) -> Strategy:
     fed = cfg.federation
-    run = RunDirectory.create(fed.run_dir, fed.run_name, {"run-config": to_run_config(cfg)})
-    print(f"uirl: run directory {run.path}", flush=True)
-    model, encoder = build_model(cfg)
-    initial = {name: t.cpu().numpy() for name, t in model.adapter_state().items()}
-    trainable = set(model.trainable_state())
-    recorder = _Recorder(run)
-    strategy = ValidatingFedAvg(
+    return ValidatingFedAvg(
         trainable=trainable, max_update_norm=fed.max_update_norm,
         on_train=recorder.on_train, on_evaluate=recorder.on_evaluate,
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=fed.min_nodes)
-    arrays = ArrayRecord({name: Array(value) for name, value in initial.items()})
 
-    # Round 0: the pretrained model before any federated training.
-    replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, ConfigRecord(), grid))
-    strategy.aggregate_evaluate(0, replies)
 
-    result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=fed.num_rounds,
-                            train_config=ConfigRecord(), evaluate_config=ConfigRecord())
-    final = result.arrays if result.arrays is not None and len(result.arrays) else arrays
-    model.load_adapter_state({name: np.asarray(a.numpy()) for name, a in final.items()})
-    save_adapter(model, run.path / "final", meta={"base-model": encoder.model_name,
-                                                  "run-config": to_run_config(cfg)})
-    print_table(recorder.run.rounds, title=f"uirl run {run.path.name}")
+def _silo_rounds(ledger: dict[str, dict]) -> str:
+    """"silo:rounds,..." -- what each silo must at least show in its own ledger (fail closed if not)."""
+    return ",".join(f"{silo}:{int(entry['rounds-trained'])}" for silo, entry in sorted(ledger.items())
+                    if entry.get("rounds-trained") is not None)
+
+
+def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: np.asarray(a.numpy()) for name, a in record.items()}
+
+
+def _start(cfg: Config, initial: dict[str, np.ndarray]) -> tuple[RunDirectory, int, dict[str, np.ndarray]]:
+    """A new run directory at round 0, or the resumed run at its last complete checkpoint."""
+    fed = cfg.federation
+    if not fed.resume:
+        return RunDirectory.create(fed.run_dir, fed.run_name, {"run-config": to_run_config(cfg)}), 0, initial
+    ckpt = load_checkpoint(resolve_resume(fed.run_dir, fed.resume))
+    if {k: (v.shape, v.dtype) for k, v in ckpt.arrays.items()} != {k: (v.shape, v.dtype) for k, v in initial.items()}:
+        raise CheckpointError(f"{ckpt.path}: the checkpoint's arrays do not fit this run's model")
+    run = RunDirectory.reopen(ckpt.path.parent.parent, upto_round=ckpt.round, rounds=ckpt.rounds, ledger=ckpt.ledger)
+    print(f"uirl: resuming {run.path} after round {ckpt.round}", flush=True)
+    return run, ckpt.round, ckpt.arrays
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = from_run_config(context.run_config)
+    fed = cfg.federation
+    model, encoder = build_model(cfg)
+    initial = {name: t.cpu().numpy() for name, t in model.adapter_state().items()}
+    run, done, state = _start(cfg, initial)
+    print(f"uirl: run directory {run.path}", flush=True)
+    recorder = _Recorder(run)
+    strategy = build_strategy(cfg, set(model.trainable_state()), recorder)
+    arrays = ArrayRecord({name: Array(value) for name, value in state.items()})
+
+    def write_adapter(directory, values: dict[str, np.ndarray]) -> None:
+        model.load_adapter_state(values)
+        save_adapter(model, directory, meta={"base-model": encoder.model_name, "run-config": to_run_config(cfg)})
+
+    if done == 0:  # round 0: the pretrained model before any federated training
+        replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, ConfigRecord(), grid),
+                                        timeout=REPLY_TIMEOUT)
+        strategy.aggregate_evaluate(0, replies)
+    for server_round in range(done + 1, fed.num_rounds + 1):
+        train_config = ConfigRecord({"run-name": run.path.name, "silo-rounds": _silo_rounds(run.ledger)})
+        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid),
+                                        timeout=REPLY_TIMEOUT)
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        if aggregated is not None:
+            arrays = aggregated
+        replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                                        timeout=REPLY_TIMEOUT)
+        strategy.aggregate_evaluate(server_round, replies)
+        values = _to_numpy(arrays)
+        save_checkpoint(run.path, server_round, values, strategy={"name": type(strategy).__name__},
+                        rounds=run.rounds, ledger=run.ledger, keep=fed.checkpoint_keep,
+                        write_adapter=lambda directory: write_adapter(directory, values))
+
+    write_adapter(run.path / "final", _to_numpy(arrays))
+    print_table(run.rounds, title=f"uirl run {run.path.name}")
     print(f"uirl: final adapter (PEFT format) in {run.path / 'final'}", flush=True)

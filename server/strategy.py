@@ -1,7 +1,8 @@
 """FedAvg over adapter arrays, with every update validated before it is aggregated.
 
 Flower's FedAvg does the averaging; this subclass adds what a coordinator of silos needs:
-- replies that refused to train (privacy budget exhausted) are left out, not averaged in;
+- replies that refused to train (privacy budget exhausted, ledger damaged, a round asked twice) are
+  left out, not averaged in, and the silo's reason is logged and recorded;
 - an update must carry exactly the trainable arrays with the global model's shapes and dtypes,
   all finite, and change the model by at most ``max_update_norm`` (L2), or it is rejected;
 - frozen adapter parts (FFA-LoRA's A matrices) are kept from the global model;
@@ -75,6 +76,9 @@ class ValidatingFedAvg(FedAvg):
             node = msg.metadata.src_node_id
             metrics["node-id"] = node
             if metrics.get("status", STATUS_OK) != STATUS_OK:
+                if "error" in msg.content.config_records:
+                    metrics["error"] = str(msg.content["error"].get("message", ""))
+                    log(WARNING, "round %d: node %d refused to train: %s", server_round, node, metrics["error"])
                 per_silo.append({**metrics, "accepted": False})
                 continue
             try:

@@ -17,31 +17,12 @@ Exit code: 0 only if the run's status is ``finished:completed``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-FLOWER_ENV = {
-    # Without this, every run `uv sync`s the project's dependencies into a new environment.
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    # Deprecation chatter from transformers/Ray inside every simulated client; nothing to act on.
-    "PYTHONWARNINGS": "ignore::FutureWarning",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}
+from simulation.processes import ROOT, executable, flower_env, run_status, stop_tree, stream_run
 
 #: Flower's per-round INFO/DEBUG log lines (printed twice: console and file format). The concise
 #: view hides them; ``--verbose`` shows everything, and the full log is always kept (see main).
@@ -62,35 +43,13 @@ class ConciseLog:
     def flush(self) -> None:
         self.out.flush()
 
+
 CONFIG_TOML = """[superlink]
 default = "local"
 
 [superlink.local]
 address = ":local:"
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _flwr() -> str:
-    exe = Path(sys.executable).parent / "flwr"
-    return str(exe) if exe.exists() else (shutil.which("flwr") or "flwr")
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(FLOWER_ENV)
-    env["FLWR_HOME"] = str(flwr_home)
-    env.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
-    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(_free_port())
-    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(_free_port())
-    # The SuperLink is started by `flwr` from this environment: put our interpreter's bin first.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def _superlink_pids(port: str) -> list[int]:
@@ -108,29 +67,9 @@ def _superlink_pids(port: str) -> list[int]:
 
 
 def stop_superlink(env: dict[str, str]) -> None:
+    """Stop the local SuperLink that ``flwr run`` started in the background, and its children."""
     for pid in _superlink_pids(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]):
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            continue
-    deadline = time.time() + 10
-    while time.time() < deadline and _superlink_pids(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]):
-        time.sleep(0.2)
-    for pid in _superlink_pids(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]):
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def run_status(run_id: int, env: dict[str, str]) -> str:
-    out = subprocess.run([_flwr(), "ls", "local", "--run-id", str(run_id), "--format", "json"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    try:
-        runs = json.loads(out.stdout)["runs"]
-        return str(runs[0]["status"])
-    except (json.JSONDecodeError, KeyError, IndexError):
-        return f"unknown ({out.stdout.strip()[:200]} {out.stderr.strip()[:200]})"
+        stop_tree(pid)
 
 
 def run(*, supernodes: int, run_config: str | None, cpus_per_client: float, app: Path = ROOT,
@@ -140,23 +79,14 @@ def run(*, supernodes: int, run_config: str | None, cpus_per_client: float, app:
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(CONFIG_TOML, encoding="utf-8")
     env = flower_env(flwr_home)
-    cmd = [_flwr(), "run", str(app), "local", "--stream", "--federation-config",
+    cmd = [executable("flwr"), "run", str(app), "local", "--stream", "--federation-config",
            f"num-supernodes={supernodes} client-resources-num-cpus={cpus_per_client:g} "
            "client-resources-num-gpus=0.0"]
     if run_config:
         cmd += ["--run-config", run_config]
-    lines: list[str] = []
     try:
-        proc = subprocess.Popen(cmd, cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            log.write(line)
-            log.flush()
-        proc.wait()
-        text = "".join(lines)
-        found = re.findall(r"run(?: ID)?[ :]+(\d{3,})", text, flags=re.IGNORECASE)
-        status = run_status(int(found[0]), env) if found else f"no run started (flwr exit {proc.returncode})"
+        run_id, text, code = stream_run(cmd, cwd=app, env=env, log=log)
+        status = run_status(run_id, "local", env) if run_id else f"no run started (flwr exit {code})"
         return status, text
     finally:
         stop_superlink(env)

@@ -18,6 +18,7 @@ from uirl.errors import UirlError
 COMMANDS = (
     "data",
     "show",
+    "export",
 )
 
 

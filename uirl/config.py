@@ -131,6 +131,8 @@ class FederationConfig:
     min_nodes: int = 2  # wait for this many connected silos before the first round
     run_dir: str = "runs"
     run_name: str = ""  # empty: a timestamped name
+    resume: str = ""  # a run directory, or "latest": continue it from its last complete checkpoint
+    checkpoint_keep: int = 2  # checkpoints kept per run (the newest ones)
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num-server-rounds", self.num_rounds, "an integer >= 1")
@@ -139,6 +141,7 @@ class FederationConfig:
         _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", self.fraction_evaluate, "a number in [0, 1]")
         _check(self.max_update_norm > 0, "max-update-norm", self.max_update_norm, "a number > 0")
         _check(self.min_nodes >= 1, "min-nodes", self.min_nodes, "an integer >= 1")
+        _check(self.checkpoint_keep >= 1, "checkpoint-keep", self.checkpoint_keep, "an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,8 @@ _KEYS: dict[str, tuple[str, str]] = {
     "min-nodes": ("federation", "min_nodes"),
     "run-dir": ("federation", "run_dir"),
     "run-name": ("federation", "run_name"),
+    "resume": ("federation", "resume"),
+    "checkpoint-keep": ("federation", "checkpoint_keep"),
 }
 
 _SECTIONS = {
@@ -268,10 +273,12 @@ class SiloConfig:
     num_partitions: int
     target_epsilon: float | None = None  # overrides the run's target for this silo
     ledger_path: str | None = None  # deployment: the silo's privacy ledger file
+    data_path: str | None = None  # deployment: the silo's own dataset directory (overrides the run's)
 
 
 def silo_from_node_config(node_config: Mapping[str, Any]) -> SiloConfig:
-    """Read ``partition-id``/``num-partitions`` (set by the simulation) and optional per-silo keys."""
+    """Read ``partition-id``/``num-partitions`` (set by the simulation or the deployment's node
+    config) and the optional per-silo keys ``target-epsilon``, ``ledger-path``, ``data-path``."""
     try:
         pid, num = node_config["partition-id"], node_config["num-partitions"]
     except KeyError as missing:
@@ -285,5 +292,6 @@ def silo_from_node_config(node_config: Mapping[str, Any]) -> SiloConfig:
         eps = _coerce("target-epsilon", eps, 0.0)
         _check(eps > 0, "target-epsilon", eps, "a number > 0")
     ledger = node_config.get("ledger-path")
+    data = node_config.get("data-path")
     return SiloConfig(partition_id=pid, num_partitions=num, target_epsilon=eps,
-                      ledger_path=str(ledger) if ledger else None)
+                      ledger_path=str(ledger) if ledger else None, data_path=str(data) if data else None)

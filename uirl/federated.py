@@ -21,14 +21,18 @@ from uirl.data.silo import Silo, load_silo
 from uirl.model import InterestModel, TextBank
 from uirl.model.build import build_model
 from uirl.privacy import PrivacyLedger, plan_noise_multiplier
+from uirl.privacy.accountant import PrivacyError
+from uirl.privacy.ledger_file import LedgerFile, Release, digest_arrays
 from uirl.train import evaluate, sampling_plan, train_round
 
 STATUS_OK = 0
 STATUS_BUDGET_EXHAUSTED = 1
+STATUS_LEDGER_ERROR = 2  # the silo's ledger is corrupt or missing where it must exist: fail closed
+STATUS_REPLAY_REFUSED = 3  # asked again for a round already released, with a different global model
 
 TRAIN_METRICS = frozenset({"num-examples", "silo", "status", "train-loss", "steps", "users-sampled",
                            "epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate",
-                           "rounds-trained"})
+                           "rounds-trained", "replayed"})
 EVAL_METRICS = frozenset({"num-examples", "silo", "auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10"})
 
 
@@ -96,6 +100,55 @@ def local_train(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.nd
     metrics = {**base, "status": float(STATUS_OK), "train-loss": result.loss, "steps": float(result.steps),
                "users-sampled": float(result.users_sampled), **_privacy_metrics(ledger)}
     return arrays, metrics, (ledger.to_json() if ledger is not None else None)
+
+
+def _refuse(status: int, why: str, silo_cfg: SiloConfig) -> tuple[None, dict[str, float], None, str]:
+    return None, {"status": float(status), "silo": float(silo_cfg.partition_id), "steps": 0.0}, None, why
+
+
+def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray], *,
+                        ledger_json: str | None, run: str, server_round: int, expected_rounds: int = 0
+                        ) -> tuple[dict[str, np.ndarray] | None, dict[str, float], str | None, str | None]:
+    """:func:`local_train` with the silo's ledger kept durably (node config ``ledger-path``).
+
+    ``ledger_json`` is the ledger the node's own state holds (simulation); the ledger file, when
+    the silo has one, takes precedence. ``expected_rounds`` is how many rounds the server has
+    recorded this silo as having trained (after a resume): a ledger showing fewer means the silo
+    has lost what it spent, so it refuses. Returns (arrays, metrics, new ledger JSON, error message);
+    arrays is None when the silo refuses, and the error message then says why.
+    See :mod:`uirl.privacy.ledger_file` for the replay/refuse rule.
+    """
+    file = LedgerFile(silo_cfg.ledger_path) if silo_cfg.ledger_path and cfg.privacy.enabled else None
+    release = None
+    if file is not None:
+        try:
+            stored = file.read()
+        except PrivacyError as exc:
+            return _refuse(STATUS_LEDGER_ERROR, str(exc), silo_cfg)
+        ledger_json = stored.ledger_json if stored else None
+        release = stored.release if stored else None
+    if cfg.privacy.enabled and expected_rounds:
+        have = PrivacyLedger.from_json(ledger_json).rounds if ledger_json else 0
+        if have < expected_rounds:
+            return _refuse(STATUS_LEDGER_ERROR, f"privacy ledger shows {have} trained rounds but the server "
+                           f"records {expected_rounds}: the silo's ledger was lost; refusing to train", silo_cfg)
+    digest = digest_arrays(global_state)
+    if file is not None and release is not None and release.run == run and server_round <= release.round:
+        if server_round == release.round and digest == release.input_digest:
+            try:
+                return file.released_arrays(release), {**release.metrics, "replayed": 1.0}, ledger_json, None
+            except PrivacyError as exc:
+                return _refuse(STATUS_LEDGER_ERROR, str(exc), silo_cfg)
+        return _refuse(STATUS_REPLAY_REFUSED, f"round {server_round} of run {run!r} asked for after round "
+                       f"{release.round} was released (with another global model); refusing to release twice",
+                       silo_cfg)
+    arrays, metrics, new_ledger_json = local_train(cfg, silo_cfg, global_state, ledger_json=ledger_json,
+                                                   server_round=server_round)
+    metrics = {**metrics, "replayed": 0.0}  # every reply carries the same keys (FedAvg requires it)
+    if file is not None and arrays is not None and new_ledger_json is not None:
+        file.write(new_ledger_json, Release(run=run, round=server_round, input_digest=digest,
+                                            update_digest=digest_arrays(arrays), metrics=metrics), arrays)
+    return arrays, metrics, new_ledger_json, None
 
 
 def local_evaluate(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray]) -> dict[str, float]:

@@ -4,6 +4,7 @@
 - ``metrics.jsonl``/``.csv``   one row per round: training loss, evaluation metrics, max epsilon
 - ``privacy.jsonl``           one row per silo per round: epsilon, delta, noise, sample rate, steps, status
 - ``privacy_ledger.json``     the latest privacy state of every silo (what an auditor checks)
+- ``checkpoints/round-<r>/``  the last rounds' checkpoints (see :mod:`uirl.checkpoint`)
 - ``final/``                  the final global adapter in PEFT format + the interest head
 
 Every file is written atomically (temporary file + rename) or appended line by line, so a crash
@@ -56,6 +57,34 @@ class RunDirectory:
         atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         return cls(path)
 
+    @classmethod
+    def reopen(cls, path: Path, *, upto_round: int, rounds: list[dict[str, Any]],
+               ledger: dict[str, dict[str, Any]]) -> "RunDirectory":
+        """Continue a run from its checkpoint of round ``upto_round``: rows of later (lost) rounds
+        are dropped from every file, so no round is ever counted twice."""
+        run = cls(path)
+        run.rounds = [dict(r) for r in rounds]
+        run.ledger = {k: dict(v) for k, v in ledger.items()}
+        run._rewrite("metrics.jsonl", run.rounds)
+        run._rewrite_csv()
+        privacy = run.path / "privacy.jsonl"
+        kept = [json.loads(line) for line in privacy.read_text(encoding="utf-8").splitlines() if line.strip()] \
+            if privacy.is_file() else []
+        run._rewrite("privacy.jsonl", [row for row in kept if row.get("round", 0) <= upto_round])
+        atomic_write_text(run.path / "privacy_ledger.json", json.dumps(run.ledger, indent=2, sort_keys=True) + "\n")
+        return run
+
+    def _rewrite(self, name: str, rows: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.path / name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+    def _rewrite_csv(self) -> None:
+        columns = list(dict.fromkeys(k for r in self.rounds for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rounds)
+        atomic_write_text(self.path / "metrics.csv", buf.getvalue())
+
     def _append(self, name: str, row: dict[str, Any]) -> None:
         with open(self.path / name, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
@@ -64,12 +93,7 @@ class RunDirectory:
         """One row per round (round 0 = before training). Rewrites the CSV with every row so far."""
         self.rounds.append(row)
         self._append("metrics.jsonl", row)
-        columns = list(dict.fromkeys(k for r in self.rounds for k in r))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(self.rounds)
-        atomic_write_text(self.path / "metrics.csv", buf.getvalue())
+        self._rewrite_csv()
 
     def record_privacy(self, server_round: int, silo: str, row: dict[str, Any]) -> None:
         self._append("privacy.jsonl", {"round": server_round, "silo": silo, **row})

@@ -1,0 +1,154 @@
+"""Export a finished run: the final adapter (PEFT format + interest head) and a model card.
+
+``export_run(run_dir, out)`` copies ``run_dir/final`` (``adapter_config.json``,
+``adapter_model.safetensors``, ``interest_head.safetensors``, ``uirl_model.json``) to ``out`` and
+writes ``README.md``: base model, data, each silo's (epsilon, delta) and what they guarantee,
+rounds, final metrics. ``out`` is assembled in a temporary directory and renamed into place, so
+it is either complete or absent. :func:`load_exported` rebuilds the interest model from such a
+directory with ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from uirl.errors import UirlError
+
+FILES = ("adapter_config.json", "adapter_model.safetensors", "interest_head.safetensors", "uirl_model.json")
+_METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UirlError(f"{path} line {n}: not valid JSON") from None
+    return rows
+
+
+def _guarantee(cfg: dict[str, Any], ledger: dict[str, dict[str, Any]]) -> str:
+    if not cfg.get("dp", True):
+        return ("**None.** This run trained without differential privacy (`dp = false`): the adapter may "
+                "memorise individual users' behaviour. Do not publish it outside the silos.")
+    return ("**User-level (epsilon, delta)-differential privacy per silo.** Each silo trained with DP-SGD over "
+            "its own users (Poisson sampling of users, per-user gradient clipping to `clip-norm`, Gaussian noise) "
+            "and accounted every step of every round. For each silo, everything it released -- and hence this "
+            "adapter -- is (epsilon, delta)-DP with respect to adding or removing one of its users together with "
+            "all of that user's events, with the silo's epsilon and delta in the table below. The server and "
+            "everyone who obtains this adapter are covered by that guarantee.")
+
+
+def model_card(run_dir: Path, meta: dict[str, Any]) -> str:
+    """The README.md of an export, from the run directory's files."""
+    cfg = meta.get("run-config", {})
+    rounds = _read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    ledger_path = run_dir / "privacy_ledger.json"
+    ledger = json.loads(ledger_path.read_text(encoding="utf-8")) if ledger_path.is_file() else {}
+    last = rounds[-1] if rounds else {}
+    trained = max((int(r["round"]) for r in rounds), default=0)
+    lines = [
+        f"# uirl user-interest adapter ({run_dir.name})", "",
+        "A LoRA adapter and interest head for a pretrained text encoder, trained with federated learning "
+        "across data silos that never shared their users' data. Load it with",
+        "", "```python",
+        "from uirl.export import load_exported",
+        "model, tokenizer = load_exported(\"<this directory>\")",
+        "```", "",
+        "or the adapter alone with `PeftModel.from_pretrained(AutoModel.from_pretrained(base), \"<this directory>\")`.",
+        "", "## Base model", "",
+        f"- encoder: `{meta.get('base-model', cfg.get('model-name', '?'))}` (frozen), pooling `{meta.get('pooling')}`",
+        f"- LoRA rank {cfg.get('lora-r')}, alpha {cfg.get('lora-alpha')}, targets `{cfg.get('lora-targets')}`, "
+        f"FFA-LoRA (A frozen): {cfg.get('ffa-lora')}; score = cosine / {meta.get('temperature')}",
+        "", "## Data", "",
+        f"- dataset: `{cfg.get('dataset')}`"
+        + (f" ({cfg.get('synthetic-users')} users, {cfg.get('synthetic-items')} items)"
+           if cfg.get("dataset") == "synthetic" else ""),
+        f"- silos: {len(ledger) or '?'}; per user: last positive = test target, history of up to "
+        f"{cfg.get('max-history')} earlier events; {cfg.get('eval-negatives')} sampled negatives per test target",
+        "", "## Privacy", "", _guarantee(cfg, ledger), "",
+        "| silo | epsilon | delta | target epsilon | noise multiplier | sample rate | rounds trained |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for silo, e in sorted(ledger.items(), key=lambda kv: kv[0]):
+        eps = e.get("epsilon")
+        lines.append(f"| {silo} | {eps:.4f} | {e.get('delta')} | {e.get('target-epsilon')} | "
+                     f"{e.get('noise-multiplier', 0):.4f} | {e.get('sample-rate', 0):.4f} | "
+                     f"{int(e.get('rounds-trained') or 0)} |" if isinstance(eps, (int, float)) else
+                     f"| {silo} | - | - | - | - | - | - |")
+    lines += ["", "## Training", "",
+              f"- {trained} federated rounds, strategy `{cfg.get('strategy')}`, local epochs {cfg.get('local-epochs')}, "
+              f"lr {cfg.get('lr')}, {cfg.get('batch-users')} users per step (expected)",
+              "", "## Metrics (test split, averaged over users of all silos)", "",
+              "| round | " + " | ".join(_METRICS) + " |", "|---" * (len(_METRICS) + 1) + "|"]
+    for row in (rounds[0], last) if len(rounds) > 1 else rounds:
+        lines.append(f"| {row['round']} | " + " | ".join(
+            f"{row[m]:.4f}" if isinstance(row.get(m), (int, float)) else "-" for m in _METRICS) + " |")
+    lines += ["", "Round 0 is the pretrained encoder before federated training.", "",
+              "## Run configuration", "", "```json", json.dumps(cfg, indent=2, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> Path:
+    """Write the final adapter of ``run_dir`` and its model card to ``out`` (which must not exist)."""
+    run_dir, out = Path(run_dir), Path(out)
+    final = run_dir / "final"
+    missing = [name for name in FILES if not (final / name).is_file()]
+    if missing:
+        raise UirlError(f"{run_dir}: not a finished run (missing final/{missing[0]})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UirlError(f"{out}: already exists; choose a new output directory")
+    meta = json.loads((final / "uirl_model.json").read_text(encoding="utf-8"))
+    card = model_card(run_dir, meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        for name in FILES:
+            shutil.copy2(final / name, tmp / name)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_exported(directory: str | Path, *, base_model: str | None = None):
+    """The interest model of an export (or a run's ``final/``): the base encoder, the adapter via
+    ``PeftModel.from_pretrained``, and the interest head. Returns (InterestModel, tokenizer)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModel, AutoTokenizer
+
+    from uirl.model.build import load_head
+    from uirl.model.encoder import Encoder, resolve_model_path
+    from uirl.model.interest import InterestModel
+
+    directory = Path(directory)
+    meta = json.loads((directory / "uirl_model.json").read_text(encoding="utf-8"))
+    path = resolve_model_path(base_model or meta["base-model"])
+    base = AutoModel.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    with warnings.catch_warnings():
+        # peft probes a transformers attribute deprecated in 5.x; nothing for a user to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(base, str(directory))
+    encoder = Encoder(model=peft_model, tokenizer=tokenizer, pooling=meta["pooling"],
+                      hidden_size=int(base.config.hidden_size), model_name=meta["base-model"])
+    model = InterestModel(encoder, temperature=float(meta["temperature"]))
+    load_head(model, directory)
+    model.eval()
+    return model, tokenizer

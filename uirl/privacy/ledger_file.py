@@ -1,0 +1,129 @@
+"""A silo's privacy ledger on its own disk: what it has spent, and the last update it released.
+
+The file (node config ``ledger-path``) outlives runs and SuperNode restarts; it is the silo's own
+record, independent of anything the server says. It holds
+
+- ``ledger``   the :class:`~uirl.privacy.accountant.PrivacyLedger` (accountant history, target);
+- ``release``  which update was released last: run name, round, a digest of the global model it
+               was computed from, its metrics, and the file holding its arrays
+               (``<ledger-path>.release.safetensors``, next to the ledger);
+- ``checksum`` a SHA-256 of the two, so a damaged file is detected rather than believed.
+
+Ordering is what makes a crash harmless: the released arrays are written first, then the ledger
+(each atomically, temp file + rename), and only then does the update leave the silo. So the ledger
+always covers every update that was ever released. If the server asks again for a round this silo
+already released in the same run (it crashed and resumed), the silo **replays** the stored update
+when the global model is the same, and **refuses** otherwise: the same round is never paid for twice
+and never answered with two different updates. A ledger that is corrupt, or missing while the
+released-update file next to it shows it existed, makes the silo refuse to train (fail closed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from uirl.privacy.accountant import PrivacyError, PrivacyLedger
+from uirl.rundir import atomic_write_text
+
+FORMAT = "uirl-ledger/1"
+
+
+def digest_arrays(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: identifies the global model of a round."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def _checksum(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Release:
+    run: str
+    round: int
+    input_digest: str  # digest of the global model the update was computed from
+    update_digest: str  # digest of the released arrays
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class StoredLedger:
+    ledger_json: str
+    rounds: int
+    release: Release | None
+
+
+class LedgerFile:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.release_path = self.path.with_name(self.path.name + ".release.safetensors")
+
+    def read(self) -> StoredLedger | None:
+        """The stored ledger, or None for a silo that never released anything.
+
+        Raises :class:`PrivacyError` (fail closed) if the file is damaged, or missing although a
+        released update next to it shows that it existed."""
+        if not self.path.exists():
+            if self.release_path.exists():
+                raise PrivacyError(f"{self.path}: privacy ledger missing although {self.release_path.name} "
+                                   "shows this silo released updates; refusing to train")
+            return None
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
+            body = {"ledger": data["ledger"], "release": data["release"]}
+            if data.get("checksum") != _checksum(body):
+                raise ValueError("checksum mismatch")
+            ledger_json = json.dumps(data["ledger"], sort_keys=True)
+            ledger = PrivacyLedger.from_json(ledger_json, source=str(self.path))
+            rel = data["release"]
+            release = None if rel is None else Release(
+                run=str(rel["run"]), round=int(rel["round"]), input_digest=str(rel["input-digest"]),
+                update_digest=str(rel["update-digest"]), metrics={k: float(v) for k, v in rel["metrics"].items()})
+        except PrivacyError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PrivacyError(f"{self.path}: corrupt privacy ledger ({exc}); refusing to train") from None
+        return StoredLedger(ledger_json=ledger_json, rounds=ledger.rounds, release=release)
+
+    def write(self, ledger_json: str, release: Release, arrays: dict[str, np.ndarray]) -> None:
+        """Record a release: arrays first, then the ledger that accounts for them (both atomic)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.release_path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, tmp)
+            os.replace(tmp, self.release_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        body = {"ledger": json.loads(ledger_json),
+                "release": {"run": release.run, "round": release.round, "input-digest": release.input_digest,
+                            "update-digest": release.update_digest, "metrics": release.metrics}}
+        atomic_write_text(self.path, json.dumps({"format": FORMAT, **body, "checksum": _checksum(body)},
+                                                indent=2, sort_keys=True) + "\n")
+
+    def released_arrays(self, release: Release) -> dict[str, np.ndarray]:
+        """The arrays of ``release``, checked against its digest."""
+        try:
+            arrays = {k: v.numpy() for k, v in load_file(str(self.release_path)).items()}
+        except (OSError, ValueError) as exc:
+            raise PrivacyError(f"{self.release_path}: unreadable released update ({exc}); refusing to train") from None
+        if digest_arrays(arrays) != release.update_digest:
+            raise PrivacyError(f"{self.release_path}: released update does not match the ledger; refusing to train")
+        return arrays
