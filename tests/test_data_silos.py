@@ -116,3 +116,13 @@ def test_mind_candidate_lists_of_different_lengths_are_scored_per_user(tmp_path,
     state = {k: v.numpy().copy() for k, v in model.adapter_state().items()}
     metrics = local_evaluate(cfg, silo, state)
     assert metrics["num-examples"] == 2 and 0.0 <= metrics["auc"] <= 1.0
+
+
+def test_a_deployed_silo_reads_every_user_of_its_own_data_path(ml_dir, tmp_path):
+    from uirl.errors import ConfigError
+
+    data = from_run_config({}).data  # the run's dataset is irrelevant once a node names its own
+    silo = load_silo(data, SiloConfig(partition_id=1, num_partitions=3, data_path=str(ml_dir)), seed=0)
+    assert {u.user_id for u in silo.users} == {u.user_id for u in read_split(ml_dir / "split.parquet")}
+    with pytest.raises(ConfigError, match="data-path"):
+        load_silo(data, SiloConfig(partition_id=0, num_partitions=3, data_path=str(tmp_path / "nowhere")), seed=0)

@@ -88,14 +88,13 @@ def _synthetic_silo(data: DataConfig, silo: SiloConfig, seed: int) -> Silo:
     return _finish(silo, data, users, touched_items(events), item_text, seed, "synthetic")
 
 
-def _converted_silo(data: DataConfig, silo: SiloConfig, seed: int) -> Silo:
+def _converted_silo(data: DataConfig, silo: SiloConfig, seed: int, *, root: Path, own_directory: bool) -> Silo:
     from uirl.data.convert import read_manifest
     from uirl.data.fixed_split import read_split
 
-    root = Path(data.dataset)
-    read_manifest(root)
+    read_manifest(root, key="data-path" if own_directory else "dataset")
     users = pq.read_table(root / "user_attributes.parquet").to_pandas()
-    mine = _silo_users(users, data, silo, seed)
+    mine = list(users["user_id"]) if own_directory else _silo_users(users, data, silo, seed)
     split = read_split(root / "split.parquet", mine)
     where = f"{len(mine)} users in {root}, none of them evaluable"
     if not split:
@@ -112,7 +111,12 @@ def _converted_silo(data: DataConfig, silo: SiloConfig, seed: int) -> Silo:
 
 @functools.lru_cache(maxsize=8)
 def load_silo(data: DataConfig, silo: SiloConfig, *, seed: int) -> Silo:
-    """Load partition ``silo.partition_id`` of ``silo.num_partitions`` (cached per process)."""
+    """Load partition ``silo.partition_id`` of ``silo.num_partitions`` (cached per process).
+
+    A node that names its own converted directory (node config ``data-path``: a deployed silo with
+    only its own users on disk) holds every user in it; no partitioning is applied."""
+    if silo.data_path:
+        return _converted_silo(data, silo, seed, root=Path(silo.data_path), own_directory=True)
     if data.dataset == "synthetic":
         return _synthetic_silo(data, silo, seed)
-    return _converted_silo(data, silo, seed)
+    return _converted_silo(data, silo, seed, root=Path(data.dataset), own_directory=False)
