@@ -13,6 +13,7 @@ import numpy as np
 
 from uirl.config import DataConfig, SiloConfig
 from uirl.data.split import UserData, build_users, touched_items
+from uirl.data.views import attach_views
 from uirl.data.synthetic import SyntheticData, SyntheticSpec, generate
 from uirl.errors import DataError
 
@@ -24,6 +25,8 @@ class Silo:
     users: tuple[UserData, ...]  # this silo's users, sorted by id, candidates fixed by seed
     touched: dict[str, frozenset]  # user id -> every item the user interacted with (for negatives)
     eval_users: tuple[UserData, ...]  # the users evaluated (all, or a fixed seeded subset)
+    item_category: dict[str, str] | None = None  # item id -> category (topic), where the items have one
+    item_image: dict[str, tuple[float, ...]] | None = None  # item id -> image feature vector, where present
 
 
 @functools.lru_cache(maxsize=4)
@@ -43,7 +46,8 @@ def load_silo(data: DataConfig, silo: SiloConfig, *, seed: int) -> Silo:
     events = dataset.events[dataset.events["silo"] == str(silo.partition_id)]
     if events.empty:
         raise DataError("silo has no events", field="partition-id", value=silo.partition_id)
-    users = tuple(build_users(events, dataset.items, num_negatives=data.eval_negatives, seed=seed))
+    users = tuple(attach_views(build_users(events, dataset.items, num_negatives=data.eval_negatives, seed=seed),
+                               events))
     if not users:
         raise DataError("silo has no user with enough positive events", field="partition-id",
                         value=silo.partition_id)
@@ -53,4 +57,15 @@ def load_silo(data: DataConfig, silo: SiloConfig, *, seed: int) -> Silo:
         eval_users = tuple(users[i] for i in sorted(pick))
     item_text = dict(zip(dataset.items["item_id"], dataset.items["text"]))
     return Silo(silo_id=silo.partition_id, item_text=item_text, users=users,
-                touched=touched_items(events), eval_users=eval_users)
+                touched=touched_items(events), eval_users=eval_users, **item_features(dataset.items))
+
+
+def item_features(items) -> dict:
+    """The optional item columns the interest model reads: ``category`` and ``image``."""
+    out: dict = {}
+    if "category" in items.columns:
+        out["item_category"] = {i: c for i, c in zip(items["item_id"], items["category"]) if isinstance(c, str)}
+    if "image" in items.columns:
+        out["item_image"] = {i: tuple(float(x) for x in v) for i, v in zip(items["item_id"], items["image"])
+                             if v is not None and not (isinstance(v, float) and v != v)}
+    return out

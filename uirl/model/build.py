@@ -21,7 +21,7 @@ def build_model(cfg: Config) -> tuple[InterestModel, Encoder]:
     encoder = load_encoder(cfg.model, seed=cfg.train.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + 1)
-        model = InterestModel(encoder, temperature=cfg.model.temperature)
+        model = InterestModel(encoder, temperature=cfg.model.temperature, interest=cfg.interest)
     return model, encoder
 
 
