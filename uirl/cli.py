@@ -17,6 +17,8 @@ from uirl.errors import UirlError
 #: Modules under ``uirl.commands`` whose ``register`` adds a subcommand, in help order.
 COMMANDS = (
     "show",
+    "embed",
+    "recommend",
 )
 
 

@@ -38,7 +38,7 @@ class _Worker:
     bank: TextBank
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)
 def _worker(cfg: Config, silo_cfg: SiloConfig) -> tuple[_Worker, Silo]:
     # Cached per process: the frozen base is loaded once; adapters are overwritten from every
     # message, so nothing of one node's training can leak into another node sharing the process.

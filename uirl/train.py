@@ -22,6 +22,7 @@ from uirl.data import UserData, sample_training_example
 from uirl.errors import UirlError
 from uirl.metrics import mean_metrics, ranking_metrics
 from uirl.model import InterestModel, TextBank
+from uirl.model.interest import UserRep
 from uirl.model.batching import Example, eval_example, user_example
 from uirl.privacy import PerUserGradients, PrivacyError, PrivacyLedger, make_dp_optimizer
 
@@ -150,23 +151,33 @@ def encode_items(model: InterestModel, bank: TextBank, item_ids: Sequence[str], 
 
 
 @torch.no_grad()
-def score_users(model: InterestModel, bank: TextBank, users: Sequence[UserData], *, split: str,
-                max_history: int) -> list[np.ndarray]:
-    """Scores (C,) of each user's fixed ``split`` candidates (positive first)."""
+def represent_users(model: InterestModel, bank: TextBank, users: Sequence[UserData], *, split: str,
+                    max_history: int, extra_keys: Sequence[str] = ()
+                    ) -> tuple[list[tuple[UserRep, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Each user's :class:`UserRep` from the history before the ``split`` target ("test", "valid",
+    or "full": the whole sequence, no candidates) and the vectors (1, C, d) of their candidates,
+    plus the vector of every text encoded (including ``extra_keys``)."""
     device = next(model.parameters()).device
     model.eval()
     examples = [eval_example(u, split, max_history=max_history, parts=model.parts) for u in users]
     # Every text is encoded once: histories, then candidates, then users' texts and neighbours' items.
     keys = [i for e in examples for i in e.history] + [i for e in examples for i in e.candidates]
-    keys += [k for e in examples for k in bank.make_batch([e], tokens=False).row_keys]
+    keys += [k for e in examples for k in bank.make_batch([e], tokens=False).row_keys] + list(extra_keys)
     vectors = encode_items(model, bank, keys)
-    scores = []
-    for example in examples:  # one user at a time: a user's scores never depend on another's padding
+    out = []
+    for example in examples:  # one user at a time: a user's vectors never depend on another's padding
         batch = bank.make_batch([example], tokens=False).to(device)
         events = torch.stack([vectors[k] for k in batch.row_keys]).to(device)
-        rep = model.represent(batch, events)
-        scores.append(model.score_rep(rep, events[batch.candidate_index])[0].cpu().numpy())
-    return scores
+        out.append((model.represent(batch, events), events[batch.candidate_index]))
+    return out, vectors
+
+
+def score_users(model: InterestModel, bank: TextBank, users: Sequence[UserData], *, split: str,
+                max_history: int) -> list[np.ndarray]:
+    """Scores (C,) of each user's fixed ``split`` candidates (positive first)."""
+    reps, _ = represent_users(model, bank, users, split=split, max_history=max_history)
+    with torch.no_grad():
+        return [model.score_rep(rep, cands)[0].cpu().numpy() for rep, cands in reps]
 
 
 def evaluate(model: InterestModel, bank: TextBank, users: Sequence[UserData], cfg: Config, *,

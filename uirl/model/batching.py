@@ -144,11 +144,12 @@ class TextBank:
 def user_example(user: UserData, position: int, candidates: Sequence[str], *, max_history: int,
                  parts: InterestConfig, seed: int = 0) -> Example:
     """The example predicting the item at ``position`` of the user's positive sequence (train items,
-    then the validation and test targets) from what came before it: the last ``max_history`` items,
+    then the validation and test targets; ``position`` = its length: after the last) from what came
+    before it: the last ``max_history`` items,
     and -- only where a part reads them -- their behaviour labels, the texts the user had written
     by then (``text_pos <= position``) and the neighbours' items."""
     sequence = user.train_items + (user.valid_target, user.test_target)
-    if not 1 <= position < len(sequence):
+    if not 1 <= position <= len(sequence):
         raise ValueError(f"user {user.user_id!r}: no history before position {position}")
     start = max(0, position - max_history)
     history = sequence[start:position]
@@ -165,8 +166,11 @@ def user_example(user: UserData, position: int, candidates: Sequence[str], *, ma
 
 
 def eval_example(user: UserData, split: str, *, max_history: int, parts: InterestConfig) -> Example:
-    """The fixed validation or test example of a user (its candidates, positive first)."""
+    """The fixed validation or test example of a user (its candidates, positive first), or
+    (``full``) the user's whole sequence as history with no candidates."""
     n = len(user.train_items)
+    if split == "full":
+        return user_example(user, n + 2, (), max_history=max_history, parts=parts)
     if split == "test":
         return user_example(user, n + 1, user.test_candidates, max_history=max_history, parts=parts)
     return user_example(user, n, user.valid_candidates, max_history=max_history, parts=parts)
