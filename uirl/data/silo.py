@@ -13,8 +13,8 @@ import numpy as np
 
 from uirl.config import DataConfig, SiloConfig
 from uirl.data.split import UserData, build_users, touched_items
-from uirl.data.views import attach_views
 from uirl.data.synthetic import SyntheticData, SyntheticSpec, generate
+from uirl.data.views import attach_views
 from uirl.errors import DataError
 
 
