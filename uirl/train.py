@@ -22,8 +22,8 @@ from uirl.data import UserData, sample_training_example
 from uirl.errors import UirlError
 from uirl.metrics import mean_metrics, ranking_metrics
 from uirl.model import InterestModel, TextBank
-from uirl.model.interest import UserRep
 from uirl.model.batching import Example, eval_example, user_example
+from uirl.model.interest import UserRep
 from uirl.privacy import PerUserGradients, PrivacyError, PrivacyLedger, make_dp_optimizer
 
 
