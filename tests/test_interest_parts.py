@@ -60,7 +60,8 @@ def test_view_fusion_masks_missing_views_and_penalises_w():
     views = {v: torch.nn.functional.normalize(torch.randn(2, D, generator=gen), dim=-1) for v in ("behavior", "text")}
     present = {"behavior": torch.tensor([True, True]), "text": torch.tensor([True, False])}
     fusion = ViewFusion(D, ("behavior", "text"))
-    fused, align, frob = fusion(views, present, with_frob=True)
+    with torch.no_grad():
+        fused, align, frob = fusion(views, present, with_frob=True)
     # Equal gate weights at the start; a missing view gets none and no alignment term.
     torch.testing.assert_close(fused[0], torch.nn.functional.normalize(views["behavior"][0] + views["text"][0], dim=0))
     torch.testing.assert_close(fused[1], views["behavior"][1])
