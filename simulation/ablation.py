@@ -10,7 +10,8 @@ The default engine is an in-process FedAvg: for each round, every silo runs
 arrays, the server averages the returned trainable arrays weighted by the silos' user counts, and
 after the last round every silo runs :func:`uirl.federated.local_evaluate`. That is the client
 logic of the Flower app without Ray or a SuperLink. ``--engine flower`` runs each configuration as
-a real ``flwr run`` (``simulation.flower``) instead; slower, same numbers up to DP noise.
+a real ``flwr run`` (``simulation.flower``) instead; slower, same numbers up to DP noise, and
+"train seconds" is then the whole run's wall time (Ray start-up and evaluation included).
 
 DP noise comes from the OS entropy pool (as it must), so two runs of a configuration differ a
 little; ``--repeats N`` averages N runs of each.
