@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -65,7 +67,10 @@ def test_each_silo_loads_only_its_own_users_with_the_fixed_lists(ml_dir):
     assert sum(len(s.users) for s in silos) == len(everyone)
     for silo in silos:
         assert set(silo.touched) == {u.user_id for u in silo.users}  # no other silo's events were loaded
-        assert all(u == everyone[u.user_id] for u in silo.users)  # the very lists written at conversion
+        # the very lists written at conversion (the side data of the interest model comes on top)
+        assert all(dataclasses.replace(u, behaviors=(), texts=(), text_pos=(), social_items=()) == everyone[u.user_id]
+                   for u in silo.users)
+        assert all(len(u.behaviors) == len(u.train_items) for u in silo.users)  # ratings as behaviour labels
         assert len(silo.item_text) == 300
     iid = from_run_config({"dataset": str(ml_dir)}).data  # auto: no silo column -> iid
     sizes = [len(load_silo(iid, SiloConfig(partition_id=i, num_partitions=3), seed=0).users) for i in range(3)]

@@ -235,3 +235,57 @@ def test_corrupt_ledger_fails_closed():
                                 '"target_epsilon": 1.0, "target_delta": 1e-5, "history": [[1.0, 0.1, "x"]]}')
     assert math.isinf(PrivacyLedger(accountant="rdp", noise_multiplier=0.0, sample_rate=0.1, target_epsilon=1,
                                     target_delta=1e-5, history=[[0.0, 0.1, 1]]).epsilon())
+
+
+ALL_PARTS = {"levels": "event,short,long", "short-window": 2, "facets": 3, "facet-score": "attention",
+             "facet-heads": True, "views": "behavior,text,social,image", "image-dim": 5, "task-heads": True,
+             "vae": True}
+
+
+def _full_examples():
+    """EXAMPLES with every kind of side data; user 1 has no texts, no neighbours and no images."""
+    from uirl.model import Example
+
+    side = [dict(texts=("great read, more like this", "yoga tips"), social=("i6", "i9"), behaviors=(0, 1, -1)),
+            dict(behaviors=(2,)),
+            dict(texts=("pasta",), social=("i3",), behaviors=(1, 0)),
+            dict(texts=("laptop review",), behaviors=(0, 0, 2, 1))]
+    return [Example(history=h, candidates=c, seed=100 + b, **side[b]) for b, (h, c) in enumerate(EXAMPLES)]
+
+
+def test_per_user_gradients_are_exact_with_every_part_on(tiny_model):
+    cfg = tiny_config(tiny_model, **ALL_PARTS)
+    model, encoder = build_model(cfg)
+    model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(3)
+    images = {i: torch.randn(5, generator=gen).tolist() for i in list(ITEMS)[:8] if i != "i4"}  # user 1: none
+    categories = {i: ("sports" if k % 2 else "food") for k, i in enumerate(ITEMS)}
+    bank = TextBank(ITEMS, encoder.tokenizer, cfg.model.max_tokens, category=categories, image=images)
+    examples = _full_examples()
+    model.train()
+    batch = bank.make_batch(examples)
+    losses = model(batch)
+    assert set(losses) == {"rank", "levels", "view-align", "vae-kl", "facet-heads", "tasks", "loss"}
+    expected = _per_user_loop(model, bank, examples)
+    pug = PerUserGradients(model)
+    try:
+        pug.backward(pug.loss(batch), batch)
+        checked = 0
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            assert p.grad_sample.shape == (len(examples), *p.shape), name
+            for b in range(len(examples)):
+                torch.testing.assert_close(p.grad_sample[b], expected[b][name], rtol=1e-7, atol=1e-10, msg=name)
+            checked += 1
+        parts = ("levels.", "fusion.align.text", "fusion.align.social", "fusion.image_proj", "fusion.gate", "vae.",
+                 "facets.", "facet_heads.", "tasks.")
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert all(any(n.startswith(part) for n in names) for part in parts)
+        assert checked == len(names)
+    finally:
+        pug.close()

@@ -18,6 +18,8 @@ from uirl.errors import UirlError
 COMMANDS = (
     "data",
     "show",
+    "embed",
+    "recommend",
     "export",
 )
 

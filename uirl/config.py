@@ -48,6 +48,68 @@ class ModelConfig:
         _check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
 
 
+#: Views the interest model can fuse (``views`` run-config key, a comma-separated list).
+VIEWS = ("behavior", "text", "social", "image")
+#: Levels below the top of the hierarchy that get their own representation and loss (``levels``).
+LEVELS = ("event", "short", "long")
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+
+
+@dataclass(frozen=True)
+class InterestConfig:
+    """Which parts of the multi-facet interest model are on (every part off by default: the default
+    model is the plain attention-pooled user vector). See :mod:`uirl.model.parts`."""
+
+    levels: str = ""  # "" (off) or a comma list of event,short,long: hierarchical levels, each supervised
+    short_window: int = 3  # the short-term level pools the last this many history events
+    level_weight: float = 0.5  # weight of the lower levels' ranking losses (their mean)
+    facets: int = 0  # K facet vectors per user from learned queries; 0 = off
+    facet_score: str = "max"  # max | attention: how facet scores combine into one item score
+    facet_heads: bool = False  # facets predict the item categories they attend to (topic labels)
+    views: str = "behavior"  # comma list of behavior,text,social,image; behavior is always on
+    view_align_weight: float = 0.1  # weight of sum_i ||V_u - W_i V_i||^2
+    view_align_lambda: float = 0.01  # lambda of lambda * sum_i ||W_i||_F^2
+    image_dim: int = 0  # width of the items' image feature vectors (needed by the image view)
+    task_heads: bool = False  # behaviour-type head (click/like/purchase/rating bucket) per history event
+    task_weight: float = 0.5
+    vae: bool = False  # mean/log-variance head on the top-level interest, KL to N(0, I)
+    vae_beta: float = 0.01  # weight of the KL term (per dimension)
+
+    def __post_init__(self) -> None:
+        levels = _names(self.levels)
+        _check(all(v in LEVELS for v in levels) and (not levels or "long" in levels), "levels", self.levels,
+               "empty or a comma-separated list of event, short, long that includes long (the top level)")
+        _check(self.short_window >= 1, "short-window", self.short_window, "an integer >= 1")
+        _check(self.level_weight >= 0, "level-weight", self.level_weight, "a number >= 0")
+        _check(0 <= self.facets <= 64, "facets", self.facets, "an integer in [0, 64] (0 = off)")
+        _check(self.facet_score in ("max", "attention"), "facet-score", self.facet_score, "max or attention")
+        _check(not self.facet_heads or self.facets > 0, "facet-heads", self.facet_heads,
+               "false unless facets > 0 (the heads read the facets)")
+        views = _names(self.views)
+        _check(bool(views) and all(v in VIEWS for v in views) and "behavior" in views, "views", self.views,
+               "a comma-separated list of behavior, text, social, image that includes behavior")
+        _check(self.view_align_weight >= 0, "view-align-weight", self.view_align_weight, "a number >= 0")
+        _check(self.view_align_lambda >= 0, "view-align-lambda", self.view_align_lambda, "a number >= 0")
+        _check(self.image_dim >= 0, "image-dim", self.image_dim, "an integer >= 0")
+        _check("image" not in views or self.image_dim > 0, "image-dim", self.image_dim,
+               "the width (> 0) of the items' image vectors when views include image")
+        _check(self.task_weight >= 0, "task-weight", self.task_weight, "a number >= 0")
+        _check(self.vae_beta >= 0, "vae-beta", self.vae_beta, "a number >= 0")
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return _names(self.levels)
+
+    @property
+    def view_names(self) -> tuple[str, ...]:
+        """The views in a fixed order (behavior first), whatever order the config listed them in."""
+        chosen = set(_names(self.views))
+        return tuple(v for v in VIEWS if v in chosen)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, and the evaluation protocol (fixed candidates, history caps)."""
@@ -147,6 +209,7 @@ class FederationConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    interest: InterestConfig = field(default_factory=InterestConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -164,6 +227,20 @@ _KEYS: dict[str, tuple[str, str]] = {
     "lora-targets": ("model", "lora_targets"),
     "ffa-lora": ("model", "ffa_lora"),
     "temperature": ("model", "temperature"),
+    "levels": ("interest", "levels"),
+    "short-window": ("interest", "short_window"),
+    "level-weight": ("interest", "level_weight"),
+    "facets": ("interest", "facets"),
+    "facet-score": ("interest", "facet_score"),
+    "facet-heads": ("interest", "facet_heads"),
+    "views": ("interest", "views"),
+    "view-align-weight": ("interest", "view_align_weight"),
+    "view-align-lambda": ("interest", "view_align_lambda"),
+    "image-dim": ("interest", "image_dim"),
+    "task-heads": ("interest", "task_heads"),
+    "task-weight": ("interest", "task_weight"),
+    "vae": ("interest", "vae"),
+    "vae-beta": ("interest", "vae_beta"),
     "dataset": ("data", "dataset"),
     "partitioning": ("data", "partitioning"),
     "partition-by": ("data", "partition_by"),
@@ -200,6 +277,7 @@ _KEYS: dict[str, tuple[str, str]] = {
 
 _SECTIONS = {
     "model": ModelConfig,
+    "interest": InterestConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "privacy": PrivacyConfig,

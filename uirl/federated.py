@@ -42,13 +42,20 @@ class _Worker:
     bank: TextBank
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)
 def _worker(cfg: Config, silo_cfg: SiloConfig) -> tuple[_Worker, Silo]:
     # Cached per process: the frozen base is loaded once; adapters are overwritten from every
     # message, so nothing of one node's training can leak into another node sharing the process.
     silo = load_silo(cfg.data, silo_cfg, seed=cfg.train.seed)
     model, encoder = build_model(cfg)
-    return _Worker(model, TextBank(silo.item_text, encoder.tokenizer, cfg.model.max_tokens)), silo
+    return _Worker(model, silo_bank(silo, encoder.tokenizer, cfg)), silo
+
+
+def silo_bank(silo: Silo, tokenizer, cfg: Config) -> TextBank:
+    """The silo's item texts, plus the item categories / image features where a part reads them."""
+    return TextBank(silo.item_text, tokenizer, cfg.model.max_tokens,
+                    category=silo.item_category if cfg.interest.facet_heads else None,
+                    image=silo.item_image if "image" in cfg.interest.view_names else None)
 
 
 def new_ledger(cfg: Config, silo_cfg: SiloConfig, num_users: int) -> PrivacyLedger:

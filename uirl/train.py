@@ -22,6 +22,8 @@ from uirl.data import UserData, sample_training_example
 from uirl.errors import UirlError
 from uirl.metrics import mean_metrics, ranking_metrics
 from uirl.model import InterestModel, TextBank
+from uirl.model.batching import Example, eval_example, user_example
+from uirl.model.interest import UserRep
 from uirl.privacy import PerUserGradients, PrivacyError, PrivacyLedger, make_dp_optimizer, secure_sampling_rng
 
 
@@ -101,10 +103,8 @@ def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
                     continue
                 pug.empty()  # noise-only step: still one DP step, still accounted
             else:
-                examples = [sample_training_example(u, max_history=cfg.data.max_history,
-                                                    num_negatives=cfg.data.train_negatives, rng=example_rng,
-                                                    all_item_ids=all_items, touched=touched[u.user_id])
-                            for u in chosen]
+                examples = [training_example(u, cfg, rng=example_rng, all_item_ids=all_items,
+                                             touched=touched[u.user_id]) for u in chosen]
                 batch = bank.make_batch(examples).to(device)
                 losses = pug.loss(batch) if pug is not None else model.batch_loss(batch)
                 if pug is not None:
@@ -123,10 +123,22 @@ def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
     return RoundResult(loss=total_loss / max(seen, 1), steps=steps, users_sampled=seen)
 
 
+def training_example(user: UserData, cfg: Config, *, rng: np.random.Generator, all_item_ids: Sequence[str],
+                     touched: frozenset) -> Example:
+    """A random training example of ``user`` (:func:`~uirl.data.sample_training_example`), with the
+    side data the enabled parts read and, when the VAE is on, a per-user noise seed."""
+    history, candidates = sample_training_example(user, max_history=cfg.data.max_history,
+                                                  num_negatives=cfg.data.train_negatives, rng=rng,
+                                                  all_item_ids=all_item_ids, touched=touched)
+    seed = int(rng.integers(2**62)) if cfg.interest.vae else 0
+    return user_example(user, user.train_items.index(candidates[0]), candidates,
+                        max_history=cfg.data.max_history, parts=cfg.interest, seed=seed)
+
+
 @torch.no_grad()
 def encode_items(model: InterestModel, bank: TextBank, item_ids: Sequence[str], *,
                  batch_size: int = 128) -> dict[str, torch.Tensor]:
-    """Item id -> unit-norm vector (d,), encoded once each (evaluation only: no gradients)."""
+    """Item id (or user-text key) -> unit-norm vector (d,), encoded once each (evaluation only)."""
     device = next(model.parameters()).device
     out: dict[str, torch.Tensor] = {}
     unique = list(dict.fromkeys(item_ids))
@@ -139,21 +151,33 @@ def encode_items(model: InterestModel, bank: TextBank, item_ids: Sequence[str], 
 
 
 @torch.no_grad()
+def represent_users(model: InterestModel, bank: TextBank, users: Sequence[UserData], *, split: str,
+                    max_history: int, extra_keys: Sequence[str] = ()
+                    ) -> tuple[list[tuple[UserRep, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Each user's :class:`UserRep` from the history before the ``split`` target ("test", "valid",
+    or "full": the whole sequence, no candidates) and the vectors (1, C, d) of their candidates,
+    plus the vector of every text encoded (including ``extra_keys``)."""
+    device = next(model.parameters()).device
+    model.eval()
+    examples = [eval_example(u, split, max_history=max_history, parts=model.parts) for u in users]
+    # Every text is encoded once: histories, then candidates, then users' texts and neighbours' items.
+    keys = [i for e in examples for i in e.history] + [i for e in examples for i in e.candidates]
+    keys += [k for e in examples for k in bank.make_batch([e], tokens=False).row_keys] + list(extra_keys)
+    vectors = encode_items(model, bank, keys)
+    out = []
+    for example in examples:  # one user at a time: a user's vectors never depend on another's padding
+        batch = bank.make_batch([example], tokens=False).to(device)
+        events = torch.stack([vectors[k] for k in batch.row_keys]).to(device)
+        out.append((model.represent(batch, events), events[batch.candidate_index]))
+    return out, vectors
+
+
 def score_users(model: InterestModel, bank: TextBank, users: Sequence[UserData], *, split: str,
                 max_history: int) -> list[np.ndarray]:
     """Scores (C,) of each user's fixed ``split`` candidates (positive first)."""
-    device = next(model.parameters()).device
-    model.eval()
-    histories = [u.test_history(max_history) if split == "test" else u.valid_history(max_history) for u in users]
-    candidates = [u.test_candidates if split == "test" else u.valid_candidates for u in users]
-    vectors = encode_items(model, bank, [i for h in histories for i in h] + [i for c in candidates for i in c])
-    scores = []
-    for h, c in zip(histories, candidates):
-        hist = torch.stack([vectors[i] for i in h]).unsqueeze(0).to(device)
-        mask = torch.ones(hist.shape[:2], dtype=torch.bool, device=device)
-        cand = torch.stack([vectors[i] for i in c]).unsqueeze(0).to(device)
-        scores.append(model.score(model.user_vectors(hist, mask), cand)[0].cpu().numpy())
-    return scores
+    reps, _ = represent_users(model, bank, users, split=split, max_history=max_history)
+    with torch.no_grad():
+        return [model.score_rep(rep, cands)[0].cpu().numpy() for rep, cands in reps]
 
 
 def evaluate(model: InterestModel, bank: TextBank, users: Sequence[UserData], cfg: Config, *,

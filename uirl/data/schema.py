@@ -1,6 +1,8 @@
 """Table schema of the two input tables and their validation.
 
-items  : ``item_id`` (str, unique, non-empty), ``text`` (str, non-empty), optional ``category`` (str).
+items  : ``item_id`` (str, unique, non-empty), ``text`` (str, non-empty), optional ``category`` (str),
+         optional ``image`` (a list of floats: precomputed image features, one width for all items;
+         missing for some items is fine).
 events : ``user_id`` (str), ``item_id`` (str, present in items), ``timestamp`` (int seconds),
          ``behavior`` (one of :data:`BEHAVIORS`), optional ``value`` (float, e.g. a rating),
          optional ``user_text`` (str), optional ``silo`` (str).
@@ -19,7 +21,7 @@ import pandas as pd
 from uirl.errors import DataError
 
 ITEM_REQUIRED = ("item_id", "text")
-ITEM_OPTIONAL = ("category",)
+ITEM_OPTIONAL = ("category", "image")
 EVENT_REQUIRED = ("user_id", "item_id", "timestamp", "behavior")
 EVENT_OPTIONAL = ("value", "user_text", "silo")
 
@@ -119,12 +121,35 @@ def _floats(col: pd.Series, *, source: str, field: str) -> pd.Series:
     return pd.Series(num, dtype=np.float64)
 
 
+def _vectors(col: pd.Series, *, source: str, field: str) -> pd.Series:
+    """Optional column of float vectors (lists/arrays), all of one width -> tuples (None = missing)."""
+    out, width = [], None
+    for i, v in enumerate(col.to_numpy(dtype=object)):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            out.append(None)
+            continue
+        try:
+            vec = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError):
+            vec = None
+        if vec is None or vec.ndim != 1 or vec.size == 0 or not np.isfinite(vec).all():
+            raise DataError("expected a non-empty list of finite numbers", file=source, row=i, field=field, value=v)
+        if width is not None and vec.size != width:
+            raise DataError(f"expected {width} numbers (the width of the first vector)", file=source, row=i,
+                            field=field, value=v)
+        width = vec.size
+        out.append(tuple(float(x) for x in vec))
+    return pd.Series(out, dtype=object)
+
+
 def validate_items(df: pd.DataFrame, *, source: str = "items") -> pd.DataFrame:
     """Check an items table and return a cleaned copy (see module docstring)."""
     _require_columns(df, ITEM_REQUIRED, source)
     out = {name: _strings(df[name], source=source, field=name, required=True) for name in ITEM_REQUIRED}
     if "category" in df.columns:
         out["category"] = _strings(df["category"], source=source, field="category", required=False)
+    if "image" in df.columns:
+        out["image"] = _vectors(df["image"], source=source, field="image")
     dup = out["item_id"].duplicated().to_numpy()
     if dup.any():
         i = _first_bad(dup)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from uirl.config import DataConfig, SiloConfig
 from uirl.data.split import UserData, build_users, touched_items
 from uirl.data.synthetic import SyntheticData, SyntheticSpec, generate
+from uirl.data.views import attach_views
 from uirl.errors import DataError
 
 
@@ -33,6 +34,10 @@ class Silo:
     users: tuple[UserData, ...]  # this silo's users, sorted by id, candidates fixed by seed
     touched: dict[str, frozenset]  # user id -> every item the user interacted with (for negatives)
     eval_users: tuple[UserData, ...]  # the users evaluated (all, or a fixed seeded subset)
+    item_category: dict[str, str] | None = None  # item id -> category (topic), where the items have one
+    item_image: dict[str, tuple[float, ...]] | None = None  # item id -> image feature vector, where present
+    item_category: dict[str, str] | None = None  # item id -> category (topic), where the items have one
+    item_image: dict[str, tuple[float, ...]] | None = None  # item id -> image feature vector, where present
 
 
 @functools.lru_cache(maxsize=4)
@@ -58,7 +63,7 @@ def _silo_users(users: pd.DataFrame, data: DataConfig, silo: SiloConfig, seed: i
 
 
 def _finish(silo: SiloConfig, data: DataConfig, users: list[UserData], touched: dict[str, frozenset],
-            item_text: dict[str, str], seed: int, where: str) -> Silo:
+            item_text: dict[str, str], seed: int, where: str, features: dict) -> Silo:
     if not users:
         raise DataError(f"silo has no user with enough positive events ({where})", field="partition-id",
                         value=silo.partition_id)
@@ -67,7 +72,7 @@ def _finish(silo: SiloConfig, data: DataConfig, users: list[UserData], touched: 
         pick = np.random.default_rng([seed, silo.partition_id]).choice(len(users), data.eval_max_users, replace=False)
         eval_users = tuple(users[i] for i in sorted(pick))
     return Silo(silo_id=silo.partition_id, item_text=item_text, users=tuple(users), touched=touched,
-                eval_users=eval_users)
+                eval_users=eval_users, **features)
 
 
 def _synthetic_silo(data: DataConfig, silo: SiloConfig, seed: int) -> Silo:
@@ -83,30 +88,33 @@ def _synthetic_silo(data: DataConfig, silo: SiloConfig, seed: int) -> Silo:
         events = dataset.events[dataset.events["user_id"].isin(set(mine))]
     if events.empty:
         raise DataError("silo has no events", field="partition-id", value=silo.partition_id)
-    users = build_users(events, dataset.items, num_negatives=data.eval_negatives, seed=seed)
+    users = attach_views(build_users(events, dataset.items, num_negatives=data.eval_negatives, seed=seed), events)
     item_text = dict(zip(dataset.items["item_id"], dataset.items["text"]))
-    return _finish(silo, data, users, touched_items(events), item_text, seed, "synthetic")
+    return _finish(silo, data, users, touched_items(events), item_text, seed, "synthetic",
+                   item_features(dataset.items))
 
 
 def _converted_silo(data: DataConfig, silo: SiloConfig, seed: int, *, root: Path, own_directory: bool) -> Silo:
     from uirl.data.convert import read_manifest
     from uirl.data.fixed_split import read_split
 
-    read_manifest(root, key="data-path" if own_directory else "dataset")
+    manifest = read_manifest(root, key="data-path" if own_directory else "dataset")
     users = pq.read_table(root / "user_attributes.parquet").to_pandas()
     mine = list(users["user_id"]) if own_directory else _silo_users(users, data, silo, seed)
     split = read_split(root / "split.parquet", mine)
     where = f"{len(mine)} users in {root}, none of them evaluable"
     if not split:
-        return _finish(silo, data, split, {}, {}, seed, where)
-    events = pq.read_table(root / "events.parquet", columns=["user_id", "item_id"],
-                           filters=[("user_id", "in", [u.user_id for u in split])])
-    touched: dict[str, set] = {}
-    for user, item in zip(events["user_id"].to_pylist(), events["item_id"].to_pylist()):
-        touched.setdefault(user, set()).add(item)
-    items = pq.read_table(root / "items.parquet", columns=["item_id", "text"])
-    item_text = dict(zip(items["item_id"].to_pylist(), items["text"].to_pylist()))
-    return _finish(silo, data, split, {u: frozenset(s) for u, s in touched.items()}, item_text, seed, where)
+        return _finish(silo, data, split, {}, {}, seed, where, {})
+    ids = [u.user_id for u in split]
+    events = pq.read_table(root / "events.parquet", filters=[("user_id", "in", ids)]).to_pandas()
+    social = None
+    if (root / "social.parquet").is_file():
+        social = pq.read_table(root / "social.parquet", filters=[("user_id", "in", ids)]).to_pandas()
+    threshold = float(manifest.get("options", {}).get("positive_threshold", 4.0))
+    split = attach_views(split, events, social=social, rating_threshold=threshold)
+    items = pq.read_table(root / "items.parquet").to_pandas()
+    item_text = dict(zip(items["item_id"], items["text"]))
+    return _finish(silo, data, split, touched_items(events), item_text, seed, where, item_features(items))
 
 
 @functools.lru_cache(maxsize=8)
@@ -120,3 +128,14 @@ def load_silo(data: DataConfig, silo: SiloConfig, *, seed: int) -> Silo:
     if data.dataset == "synthetic":
         return _synthetic_silo(data, silo, seed)
     return _converted_silo(data, silo, seed, root=Path(data.dataset), own_directory=False)
+
+
+def item_features(items) -> dict:
+    """The optional item columns the interest model reads: ``category`` and ``image``."""
+    out: dict = {}
+    if "category" in items.columns:
+        out["item_category"] = {i: c for i, c in zip(items["item_id"], items["category"]) if isinstance(c, str)}
+    if "image" in items.columns:
+        out["item_image"] = {i: tuple(float(x) for x in v) for i, v in zip(items["item_id"], items["image"])
+                             if v is not None and not (isinstance(v, float) and v != v)}
+    return out

@@ -39,9 +39,15 @@ class UserData:
     test_target: str
     valid_candidates: tuple[str, ...]
     test_candidates: tuple[str, ...]
+    # Optional side data for the richer interest model (filled by :func:`uirl.data.views.attach_views`).
+    behaviors: tuple[str, ...] = ()  # behaviour label of each train item (same length), or empty
+    texts: tuple[str, ...] = ()  # the user's own written texts (reviews, queries), in time order
+    text_pos: tuple[int, ...] = ()  # per text: how many of the user's positive items precede or share it
+    social_items: tuple[str, ...] = ()  # items the user's neighbours interacted with (social view)
 
     def __post_init__(self) -> None:
-        for name in ("train_items", "valid_candidates", "test_candidates"):
+        for name in ("train_items", "valid_candidates", "test_candidates", "behaviors", "texts", "text_pos",
+                     "social_items"):
             object.__setattr__(self, name, tuple(getattr(self, name)))  # lists from JSON become tuples
         for target, cands, name in ((self.valid_target, self.valid_candidates, "valid_candidates"),
                                     (self.test_target, self.test_candidates, "test_candidates")):
@@ -181,6 +187,7 @@ def save_candidates(users: Sequence[UserData], path: str | os.PathLike) -> None:
 
 
 _FIELDS = ("user_id", "train_items", "valid_target", "test_target", "valid_candidates", "test_candidates")
+_OPTIONAL_FIELDS = ("behaviors", "texts", "text_pos", "social_items")
 
 
 def load_candidates(path: str | os.PathLike) -> list[UserData]:
@@ -203,8 +210,9 @@ def load_candidates(path: str | os.PathLike) -> list[UserData]:
                 if not ok:
                     raise DataError(f"expected {'a list of strings' if is_list else 'a string'}",
                                     file=name, row=row, field=field, value=value)
+            optional = {k: record[k] for k in _OPTIONAL_FIELDS if k in record}
             try:
-                users.append(UserData(**{k: record[k] for k in _FIELDS}))
+                users.append(UserData(**{k: record[k] for k in _FIELDS}, **optional))
             except ValueError as exc:
                 raise DataError(str(exc), file=name, row=row) from None
     return users

@@ -1,7 +1,7 @@
 """Encoder (HF AutoModel + PEFT LoRA), pooling, the interest model and batching."""
 
-from uirl.model.batching import TextBank
+from uirl.model.batching import Example, TextBank
 from uirl.model.encoder import Encoder, load_encoder
 from uirl.model.interest import InterestModel, UserBatch
 
-__all__ = ["Encoder", "InterestModel", "TextBank", "UserBatch", "load_encoder"]
+__all__ = ["Encoder", "Example", "InterestModel", "TextBank", "UserBatch", "load_encoder"]

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import torch
+from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from uirl.config import Config
+from uirl.config import Config, from_run_config
+from uirl.errors import UirlError
 from uirl.model.encoder import Encoder, load_encoder
 from uirl.model.interest import InterestModel
 
@@ -21,7 +23,7 @@ def build_model(cfg: Config) -> tuple[InterestModel, Encoder]:
     encoder = load_encoder(cfg.model, seed=cfg.train.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + 1)
-        model = InterestModel(encoder, temperature=cfg.model.temperature)
+        model = InterestModel(encoder, temperature=cfg.model.temperature, interest=cfg.interest)
     return model, encoder
 
 
@@ -44,3 +46,31 @@ def save_adapter(model: InterestModel, directory: str | Path, *, meta: dict | No
 def load_head(model: InterestModel, directory: str | Path) -> None:
     state = load_file(str(Path(directory) / HEAD_FILE))
     model.load_adapter_state(state)
+
+
+def load_trained(directory: str | Path, *, model_name: str | None = None) -> tuple[InterestModel, Encoder, Config]:
+    """The model saved by :func:`save_adapter` (a run's ``final/``): its run config (from the
+    metadata), the base encoder (``model_name`` overrides where it lives), the LoRA adapter and
+    the interest head. Raises :class:`~uirl.errors.UirlError` naming what is missing."""
+    directory = Path(directory)
+    for name in (META_FILE, HEAD_FILE, "adapter_model.safetensors"):
+        if not (directory / name).is_file():
+            raise UirlError(f"{directory}: not a saved uirl model (no {name}; expected a run's final/ directory)")
+    try:
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        run_config = dict(meta["run-config"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UirlError(f"{directory / META_FILE}: expected a JSON object with a run-config") from None
+    if model_name:
+        run_config["model-name"] = model_name
+    cfg = from_run_config(run_config)
+    model, encoder = build_model(cfg)
+    adapter = load_file(str(directory / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model.encoder, adapter)
+    if any("lora_" in k for k in getattr(result, "unexpected_keys", []) or []):
+        raise UirlError(f"{directory}: the adapter does not match the model {cfg.model.name!r}")
+    try:
+        load_head(model, directory)
+    except (KeyError, ValueError) as exc:
+        raise UirlError(f"{directory / HEAD_FILE}: does not match the run config's interest model ({exc})") from None
+    return model, encoder, cfg

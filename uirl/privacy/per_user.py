@@ -40,8 +40,7 @@ class PerUserGradients:
         self.regroup(batch)
 
     def loss(self, batch: UserBatch) -> torch.Tensor:
-        return self.gsm(batch.input_ids, batch.attention_mask, batch.history_index,
-                        batch.history_mask, batch.candidate_index)
+        return self.gsm(batch)["loss"]
 
     def regroup(self, batch: UserBatch) -> None:
         num_users, num_rows = batch.num_users, int(batch.row_user.shape[0])

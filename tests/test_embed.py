@@ -1,0 +1,112 @@
+"""``uirl embed`` / ``uirl recommend`` on a tiny trained model: outputs, formats, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from helpers import tiny_config
+from uirl.cli import main
+from uirl.config import SiloConfig, to_run_config
+from uirl.data.silo import load_silo
+from uirl.federated import local_train
+from uirl.model.build import build_model, load_trained, save_adapter
+from uirl.train import score_users
+
+PARTS = {"levels": "short,long", "facets": 2, "views": "behavior,text", "vae": True, "num-server-rounds": 1,
+         "synthetic-users": 24, "synthetic-items": 120}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bert, tmp_path_factory):
+    """A run's final/ directory after one round of DP training on silo 0 of 2."""
+    cfg = tiny_config(tiny_bert, **PARTS)
+    model, encoder = build_model(cfg)
+    state = {k: v.numpy().copy() for k, v in model.adapter_state().items()}
+    arrays, _, _ = local_train(cfg, SiloConfig(partition_id=0, num_partitions=2), state, ledger_json=None,
+                               server_round=1)
+    model.load_adapter_state({k: torch.from_numpy(v) for k, v in arrays.items()})
+    final = tmp_path_factory.mktemp("run") / "final"
+    save_adapter(model, final, meta={"base-model": encoder.model_name, "run-config": to_run_config(cfg)})
+    return final, cfg, model
+
+
+def test_saved_model_loads_back_exactly(trained):
+    final, _, model = trained
+    loaded, _, cfg = load_trained(final)
+    assert cfg.interest.facets == 2 and cfg.interest.vae
+    for name, value in model.adapter_state().items():
+        torch.testing.assert_close(loaded.adapter_state()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_embed_writes_every_users_vectors_as_npz_and_parquet(trained, tmp_path):
+    final, cfg, _ = trained
+    assert main(["embed", str(final), "--out", str(tmp_path / "u.npz"), "--num-silos", "2"]) == 0
+    z = np.load(tmp_path / "u.npz")
+    users = [u.user_id for k in (0, 1) for u in load_silo(cfg.data, SiloConfig(k, 2), seed=0).users]
+    assert z["user_id"].tolist() == users
+    n, d = len(users), z["interest"].shape[1]
+    assert z["facets"].shape == (n, 2, d) and z["level_short"].shape == z["level_long"].shape == (n, d)
+    assert z["view_text_present"].dtype == bool and z["view_text_present"].any()
+    np.testing.assert_allclose(np.linalg.norm(z["interest"], axis=1), 1.0, rtol=1e-5)
+    assert np.abs(z["view_text"][~z["view_text_present"]]).sum() == 0  # a missing view is zero, flagged
+    assert main(["embed", str(final), "--out", str(tmp_path / "u.parquet"), "--num-silos", "2", "--silo", "1"]) == 0
+    table = pq.read_table(tmp_path / "u.parquet").to_pydict()
+    one = [u.user_id for u in load_silo(cfg.data, SiloConfig(1, 2), seed=0).users]
+    assert table["user_id"] == one
+    np.testing.assert_allclose(np.array(table["facets"]), z["facets"][-len(one):], rtol=1e-6)
+
+
+def test_recommend_ranks_the_test_candidates_like_evaluation(trained, tmp_path):
+    final, cfg, model = trained
+    out = tmp_path / "r.jsonl"
+    assert main(["recommend", str(final), "--out", str(out), "--num-silos", "2", "--silo", "0",
+                 "--candidates", "test", "-k", "3"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    silo = load_silo(cfg.data, SiloConfig(0, 2), seed=0)
+    from uirl.federated import silo_bank
+
+    loaded, encoder, _ = load_trained(final)
+    scores = score_users(loaded, silo_bank(silo, encoder.tokenizer, cfg), silo.users, split="test",
+                         max_history=cfg.data.max_history)
+    for line, user, s in zip(lines, silo.users, scores):
+        assert line["user_id"] == user.user_id and len(line["items"]) == 3
+        assert line["items"] == [user.test_candidates[i] for i in np.argsort(-s, kind="stable")[:3]]
+        assert line["scores"] == sorted(line["scores"], reverse=True)
+
+
+def test_recommend_from_the_catalogue_skips_what_the_user_touched(trained, tmp_path):
+    final, cfg, _ = trained
+    out = tmp_path / "r.csv"
+    assert main(["recommend", str(final), "--out", str(out), "--num-silos", "2", "-k", "5"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    touched = {}
+    for k in (0, 1):
+        touched.update(load_silo(cfg.data, SiloConfig(k, 2), seed=0).touched)
+    by_user: dict[str, list[dict]] = {}
+    for row in rows:
+        by_user.setdefault(row["user_id"], []).append(row)
+    assert len(by_user) == sum(len(load_silo(cfg.data, SiloConfig(k, 2), seed=0).users) for k in (0, 1)) and all(len(r) == 5 for r in by_user.values())
+    for user, recs in by_user.items():
+        assert [int(r["rank"]) for r in recs] == [1, 2, 3, 4, 5]
+        assert not {r["item_id"] for r in recs} & touched[user]
+        assert [float(r["score"]) for r in recs] == sorted((float(r["score"]) for r in recs), reverse=True)
+
+
+def test_bad_input_is_one_line_exit_2_and_leaves_outputs_alone(trained, tmp_path, capsys):
+    final, _, _ = trained
+    out = tmp_path / "keep.csv"
+    out.write_text("old\n")
+    assert main(["recommend", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "not a saved uirl model" in capsys.readouterr().err
+    assert out.read_text() == "old\n"
+    assert main(["embed", str(final), "--out", str(tmp_path / "u.txt")]) == 2
+    assert main(["embed", str(final), "--out", str(tmp_path / "u.npz"), "--num-silos", "2", "--silo", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "expected a .npz or .parquet" in err and "--silo 5" in err
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
