@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.strategy import ValidatingFedAvg
+from server.strategy import ValidatingFedAvg, with_central_dp
 from uirl.config import from_run_config, to_run_config
 from uirl.model.build import build_model, save_adapter
 from uirl.rundir import RunDirectory
@@ -72,6 +72,7 @@ def main(grid: Grid, context: Context) -> None:
         on_train=recorder.on_train, on_evaluate=recorder.on_evaluate,
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=fed.min_nodes)
+    strategy = with_central_dp(strategy, cfg)
     arrays = ArrayRecord({name: Array(value) for name, value in initial.items()})
 
     # Round 0: the pretrained model before any federated training.

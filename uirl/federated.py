@@ -38,10 +38,11 @@ class _Worker:
     bank: TextBank
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)
 def _worker(cfg: Config, silo_cfg: SiloConfig) -> tuple[_Worker, Silo]:
     # Cached per process: the frozen base is loaded once; adapters are overwritten from every
     # message, so nothing of one node's training can leak into another node sharing the process.
+    # Room for several silos: an in-process simulation (simulation.sweep) hosts all of them.
     silo = load_silo(cfg.data, silo_cfg, seed=cfg.train.seed)
     model, encoder = build_model(cfg)
     return _Worker(model, TextBank(silo.item_text, encoder.tokenizer, cfg.model.max_tokens)), silo

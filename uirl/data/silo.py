@@ -24,6 +24,7 @@ class Silo:
     users: tuple[UserData, ...]  # this silo's users, sorted by id, candidates fixed by seed
     touched: dict[str, frozenset]  # user id -> every item the user interacted with (for negatives)
     eval_users: tuple[UserData, ...]  # the users evaluated (all, or a fixed seeded subset)
+    heldout: tuple[UserData, ...] = ()  # never trained on or evaluated: the membership audit's non-members
 
 
 @functools.lru_cache(maxsize=4)
@@ -47,10 +48,15 @@ def load_silo(data: DataConfig, silo: SiloConfig, *, seed: int) -> Silo:
     if not users:
         raise DataError("silo has no user with enough positive events", field="partition-id",
                         value=silo.partition_id)
+    heldout: tuple[UserData, ...] = ()
+    if data.holdout_users:
+        out = np.random.default_rng([seed, silo.partition_id, 1]).random(len(users)) < data.holdout_users
+        heldout = tuple(u for u, o in zip(users, out) if o)
+        users = tuple(u for u, o in zip(users, out) if not o)
     eval_users = users
     if data.eval_max_users and len(users) > data.eval_max_users:
         pick = np.random.default_rng([seed, silo.partition_id]).choice(len(users), data.eval_max_users, replace=False)
         eval_users = tuple(users[i] for i in sorted(pick))
     item_text = dict(zip(dataset.items["item_id"], dataset.items["text"]))
     return Silo(silo_id=silo.partition_id, item_text=item_text, users=users,
-                touched=touched_items(events), eval_users=eval_users)
+                touched=touched_items(events), eval_users=eval_users, heldout=heldout)
