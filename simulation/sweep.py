@@ -73,7 +73,6 @@ class Sweep:
     source: str
     out: Path
     cells: list[Cell]
-    spec: dict[str, Any]
     tiny_encoder: bool = False
 
 
@@ -173,7 +172,7 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None) -> Sweep:
                         audit=audit and method in AUDITED and engine == "inprocess")
             key = cell_key(cell)
             cells.setdefault(key, Cell(**{**cell.__dict__, "key": key}))
-    return Sweep(source=source, out=out, cells=list(cells.values()), spec=spec, tiny_encoder=bool(tiny))
+    return Sweep(source=source, out=out, cells=list(cells.values()), tiny_encoder=bool(tiny))
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
