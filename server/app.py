@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from server.strategy import ValidatingFedAvg
+from server.strategy import ValidatingFedAvg, with_central_dp
 from uirl.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from uirl.config import Config, from_run_config, to_run_config
 from uirl.model.build import build_model, save_adapter
@@ -73,11 +73,12 @@ class _Recorder:
 
 def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder) -> Strategy:
     fed = cfg.federation
-    return ValidatingFedAvg(
+    strategy = ValidatingFedAvg(
         trainable=trainable, max_update_norm=fed.max_update_norm,
         on_train=recorder.on_train, on_evaluate=recorder.on_evaluate,
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=fed.min_nodes)
+    return with_central_dp(strategy, cfg)
 
 
 def _silo_rounds(ledger: dict[str, dict]) -> str:

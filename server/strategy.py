@@ -7,6 +7,8 @@ Flower's FedAvg does the averaging; this subclass adds what a coordinator of sil
   all finite, and change the model by at most ``max_update_norm`` (L2), or it is rejected;
 - frozen adapter parts (FFA-LoRA's A matrices) are kept from the global model;
 - per-silo training/evaluation metrics are handed to ``on_train`` / ``on_evaluate`` callbacks.
+
+:class:`TrainableCentralDP` adds Flower's client-level central DP on top (run config ``central-dp``).
 """
 
 from __future__ import annotations
@@ -18,31 +20,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.supercore import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
+from uirl.aggregation import UpdateRejected, check_update
+from uirl.config import Config
+from uirl.engine import central_noise
 from uirl.federated import STATUS_OK
-
-
-class UpdateRejected(ValueError):
-    pass
-
-
-def check_update(update: dict[str, np.ndarray], current: dict[str, np.ndarray], trainable: set[str],
-                 max_norm: float) -> None:
-    """Raise :class:`UpdateRejected` naming the problem if ``update`` is not a sane adapter update."""
-    if set(update) != trainable:
-        extra, missing = sorted(set(update) - trainable), sorted(trainable - set(update))
-        raise UpdateRejected(f"array names differ from the trainable set (extra {extra[:3]}, missing {missing[:3]})")
-    total = 0.0
-    for name, value in update.items():
-        ref = current[name]
-        if value.shape != ref.shape or value.dtype != ref.dtype:
-            raise UpdateRejected(f"{name}: {value.dtype}{list(value.shape)} != {ref.dtype}{list(ref.shape)}")
-        if not np.isfinite(value).all():
-            raise UpdateRejected(f"{name}: non-finite values")
-        total += float(np.sum((value.astype(np.float64) - ref) ** 2))
-    if total ** 0.5 > max_norm:
-        raise UpdateRejected(f"update L2 norm {total ** 0.5:.3g} exceeds max-update-norm {max_norm:g}")
+from uirl.privacy.central import central_epsilon
 
 
 def _as_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -109,3 +93,51 @@ class ValidatingFedAvg(FedAvg):
                     for m in replies if not m.has_error()]
         self.on_evaluate(server_round, per_silo, dict(aggregated) if aggregated is not None else {})
         return aggregated
+
+
+class TrainableCentralDP(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's client-level central DP (server-side fixed clipping + Gaussian noise) over the
+    arrays that travel.
+
+    Flower's wrapper clips each reply against the global arrays position by position and noises
+    every aggregated array. Our replies carry only the trainable arrays (FFA-LoRA's frozen A never
+    travels), so clipping must compare against that subset, and the frozen arrays that
+    :class:`ValidatingFedAvg` merges back must stay noise-free.
+    """
+
+    def __init__(self, strategy: ValidatingFedAvg, **kwargs) -> None:
+        super().__init__(strategy, **kwargs)
+        self.trainable = strategy.trainable
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        messages = super().configure_train(server_round, arrays, config, grid)
+        self.current_arrays = ArrayRecord({n: a for n, a in arrays.items() if n in self.trainable})
+        return messages
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        noised = super()._add_noise_to_aggregated_arrays(
+            ArrayRecord({n: a for n, a in aggregated_arrays.items() if n in self.trainable}))
+        merged = dict(aggregated_arrays.items())
+        merged.update(noised.items())
+        return ArrayRecord(merged)
+
+
+def with_central_dp(strategy: ValidatingFedAvg, cfg: Config) -> ValidatingFedAvg | TrainableCentralDP:
+    """Wrap ``strategy`` in client-level central DP when the run config asks for it (``central-dp``).
+
+    The noise is sized for ``num_sampled_clients = fraction-train x min-nodes`` replies: if more
+    silos reply, the noise is larger than needed, never smaller. The epsilon printed assumes every
+    silo trains every round (``fraction-train = 1``) or Poisson sampling; Flower samples a fixed
+    number of nodes, for which the sampling amplification is not proven.
+    """
+    fed = cfg.federation
+    if not fed.central_dp:
+        return strategy
+    sigma = central_noise(cfg)
+    eps = central_epsilon(noise_multiplier=sigma, sample_rate=fed.fraction_train, rounds=fed.num_rounds,
+                          delta=cfg.privacy.target_delta)
+    print(f"uirl: client-level central DP: noise multiplier {sigma:.4g}, clip {fed.central_clip:g}, "
+          f"epsilon {eps:.3f} after {fed.num_rounds} rounds (delta {cfg.privacy.target_delta:g})", flush=True)
+    return TrainableCentralDP(strategy, noise_multiplier=sigma, clipping_norm=fed.central_clip,
+                              num_sampled_clients=max(1, int(fed.fraction_train * fed.min_nodes)))

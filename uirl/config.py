@@ -125,6 +125,7 @@ class DataConfig:
     train_negatives: int = 4
     eval_negatives: int = 19
     eval_max_users: int = 0  # 0 = every user of the silo; otherwise a fixed seeded subset
+    holdout_users: float = 0.0  # fraction of each silo's users never trained on (membership audit)
 
     def __post_init__(self) -> None:
         _check(bool(self.dataset.strip()), "dataset", self.dataset,
@@ -139,6 +140,7 @@ class DataConfig:
         _check(self.train_negatives >= 1, "train-negatives", self.train_negatives, "an integer >= 1")
         _check(self.eval_negatives >= 1, "eval-negatives", self.eval_negatives, "an integer >= 1")
         _check(self.eval_max_users >= 0, "eval-max-users", self.eval_max_users, "an integer >= 0")
+        _check(0 <= self.holdout_users < 1, "holdout-users", self.holdout_users, "a number in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,9 @@ class FederationConfig:
     run_name: str = ""  # empty: a timestamped name
     resume: str = ""  # a run directory, or "latest": continue it from its last complete checkpoint
     checkpoint_keep: int = 2  # checkpoints kept per run (the newest ones)
+    central_dp: str = ""  # "" (off) | fixed: client-level DP, server-side fixed clipping + Gaussian noise
+    central_clip: float = 1.0  # L2 bound of one silo's update under central DP
+    central_noise: float | None = None  # None: derived from target-epsilon over num-server-rounds
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num-server-rounds", self.num_rounds, "an integer >= 1")
@@ -204,6 +209,10 @@ class FederationConfig:
         _check(self.max_update_norm > 0, "max-update-norm", self.max_update_norm, "a number > 0")
         _check(self.min_nodes >= 1, "min-nodes", self.min_nodes, "an integer >= 1")
         _check(self.checkpoint_keep >= 1, "checkpoint-keep", self.checkpoint_keep, "an integer >= 1")
+        _check(self.central_dp in ("", "fixed"), "central-dp", self.central_dp, "'' (off) or 'fixed'")
+        _check(self.central_clip > 0, "central-clip", self.central_clip, "a number > 0")
+        if self.central_noise is not None:
+            _check(self.central_noise > 0, "central-noise", self.central_noise, "'auto' or a number > 0")
 
 
 @dataclass(frozen=True)
@@ -252,6 +261,7 @@ _KEYS: dict[str, tuple[str, str]] = {
     "train-negatives": ("data", "train_negatives"),
     "eval-negatives": ("data", "eval_negatives"),
     "eval-max-users": ("data", "eval_max_users"),
+    "holdout-users": ("data", "holdout_users"),
     "lr": ("train", "lr"),
     "batch-users": ("train", "batch_users"),
     "local-epochs": ("train", "local_epochs"),
@@ -273,6 +283,9 @@ _KEYS: dict[str, tuple[str, str]] = {
     "run-name": ("federation", "run_name"),
     "resume": ("federation", "resume"),
     "checkpoint-keep": ("federation", "checkpoint_keep"),
+    "central-dp": ("federation", "central_dp"),
+    "central-clip": ("federation", "central_clip"),
+    "central-noise": ("federation", "central_noise"),
 }
 
 _SECTIONS = {
@@ -287,7 +300,7 @@ _SECTIONS = {
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Coerce a flat run-config value to the type of the dataclass default."""
-    if key == "noise-multiplier":
+    if key in ("noise-multiplier", "central-noise"):
         if isinstance(value, str) and value.strip().lower() == "auto":
             return None
         default = 0.0

@@ -46,6 +46,7 @@ class _Worker:
 def _worker(cfg: Config, silo_cfg: SiloConfig) -> tuple[_Worker, Silo]:
     # Cached per process: the frozen base is loaded once; adapters are overwritten from every
     # message, so nothing of one node's training can leak into another node sharing the process.
+    # Room for several silos: an in-process simulation (simulation.sweep) hosts all of them.
     silo = load_silo(cfg.data, silo_cfg, seed=cfg.train.seed)
     model, encoder = build_model(cfg)
     return _Worker(model, silo_bank(silo, encoder.tokenizer, cfg)), silo

@@ -36,8 +36,7 @@ class Silo:
     eval_users: tuple[UserData, ...]  # the users evaluated (all, or a fixed seeded subset)
     item_category: dict[str, str] | None = None  # item id -> category (topic), where the items have one
     item_image: dict[str, tuple[float, ...]] | None = None  # item id -> image feature vector, where present
-    item_category: dict[str, str] | None = None  # item id -> category (topic), where the items have one
-    item_image: dict[str, tuple[float, ...]] | None = None  # item id -> image feature vector, where present
+    heldout: tuple[UserData, ...] = ()  # never trained on or evaluated: the membership audit's non-members
 
 
 @functools.lru_cache(maxsize=4)
@@ -67,12 +66,17 @@ def _finish(silo: SiloConfig, data: DataConfig, users: list[UserData], touched: 
     if not users:
         raise DataError(f"silo has no user with enough positive events ({where})", field="partition-id",
                         value=silo.partition_id)
+    heldout: tuple[UserData, ...] = ()
+    if data.holdout_users:
+        out = np.random.default_rng([seed, silo.partition_id, 1]).random(len(users)) < data.holdout_users
+        heldout = tuple(u for u, o in zip(users, out) if o)
+        users = tuple(u for u, o in zip(users, out) if not o)
     eval_users = tuple(users)
     if data.eval_max_users and len(users) > data.eval_max_users:
         pick = np.random.default_rng([seed, silo.partition_id]).choice(len(users), data.eval_max_users, replace=False)
         eval_users = tuple(users[i] for i in sorted(pick))
     return Silo(silo_id=silo.partition_id, item_text=item_text, users=tuple(users), touched=touched,
-                eval_users=eval_users, **features)
+                eval_users=eval_users, heldout=heldout, **features)
 
 
 def _synthetic_silo(data: DataConfig, silo: SiloConfig, seed: int) -> Silo:

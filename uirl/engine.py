@@ -1,0 +1,135 @@
+"""A federated run in one process: the same silo code and the same aggregation as ``flwr run``.
+
+Each round calls :func:`uirl.federated.local_train` on the sampled silos (what the ClientApp calls),
+validates every update with :func:`uirl.aggregation.check_update` and averages with
+:func:`uirl.aggregation.fedavg` (what the ServerApp's strategy does), then evaluates the global model
+on every silo with :func:`uirl.federated.local_evaluate`. Only Flower's messaging is left out, which
+makes a sweep of many runs affordable on a CPU. With ``central-dp = "fixed"`` the server clips each
+update and adds Gaussian noise instead (:mod:`uirl.privacy.central`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from uirl.aggregation import UpdateRejected, check_update, fedavg
+from uirl.config import Config, SiloConfig
+from uirl.federated import STATUS_OK, hash_seed, local_evaluate, local_train
+from uirl.model import InterestModel
+from uirl.model.build import build_model
+from uirl.model.encoder import Encoder
+from uirl.privacy import PrivacyLedger
+from uirl.privacy.central import central_dp_aggregate, central_epsilon, plan_central_noise
+
+_RANKING = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10")
+
+
+@dataclass
+class FederatedResult:
+    rounds: list[dict[str, Any]]  # round 0 (before training) .. R: metrics, epsilon per silo
+    state: dict[str, np.ndarray]  # final global adapter state
+    initial: dict[str, np.ndarray]  # the round-0 state (the pretrained model: the audit's reference)
+    model: InterestModel  # a model to load either state into
+    encoder: Encoder  # its encoder (tokenizer) for building text banks
+    privacy: dict[str, Any]  # the guarantee and its accounting (see :func:`accounting`)
+
+
+def weighted_metrics(per_silo: list[dict[str, float]]) -> dict[str, float]:
+    """Silo metrics averaged with ``num-examples`` weights (as FedAvg aggregates evaluation)."""
+    total = sum(m["num-examples"] for m in per_silo)
+    return {k: sum(m[k] * m["num-examples"] for m in per_silo) / total for k in _RANKING if k in per_silo[0]}
+
+
+def central_noise(cfg: Config) -> float:
+    fed = cfg.federation
+    if fed.central_noise is not None:
+        return fed.central_noise
+    return plan_central_noise(target_epsilon=cfg.privacy.target_epsilon, delta=cfg.privacy.target_delta,
+                              sample_rate=fed.fraction_train, rounds=fed.num_rounds)
+
+
+def accounting(cfg: Config, ledgers: dict[int, str | None], rounds_done: int) -> dict[str, Any]:
+    """What guarantee a run has, with every number needed to recompute it."""
+    if cfg.federation.central_dp:
+        sigma = central_noise(cfg)
+        return {"guarantee": "client-level", "unit": "one silo (all its users)",
+                "epsilon": central_epsilon(noise_multiplier=sigma, sample_rate=cfg.federation.fraction_train,
+                                           rounds=rounds_done, delta=cfg.privacy.target_delta),
+                "delta": cfg.privacy.target_delta, "noise-multiplier": sigma,
+                "sample-rate": cfg.federation.fraction_train, "steps": rounds_done, "accountant": "rdp",
+                "clip": cfg.federation.central_clip}
+    if cfg.privacy.enabled and any(ledgers.values()):
+        parsed = [PrivacyLedger.from_json(text) for text in ledgers.values() if text]
+        worst = max(parsed, key=lambda led: led.epsilon())
+        return {"guarantee": "user-level per silo", "unit": "one user of a silo",
+                "epsilon": worst.epsilon(), "delta": worst.target_delta,
+                "noise-multiplier": worst.noise_multiplier, "sample-rate": worst.sample_rate,
+                "steps": worst.steps, "accountant": worst.accountant, "clip": cfg.privacy.clip_norm}
+    return {"guarantee": "none", "unit": "-", "epsilon": math.inf, "delta": 0.0, "noise-multiplier": 0.0,
+            "sample-rate": None, "steps": None, "accountant": None, "clip": None}
+
+
+def _sample_silos(cfg: Config, num_silos: int, rng: np.random.Generator) -> list[int]:
+    fraction = cfg.federation.fraction_train
+    if cfg.federation.central_dp:  # Poisson: what the accountant's sampling amplification assumes
+        return [k for k in range(num_silos) if rng.random() < fraction]
+    size = max(int(num_silos * fraction), 1)  # as Flower's FedAvg samples nodes
+    return sorted(rng.choice(num_silos, size=size, replace=False).tolist())
+
+
+def run_federated(cfg: Config, num_silos: int, *,
+                  on_round: Callable[[dict[str, Any]], None] | None = None) -> FederatedResult:
+    """``cfg.federation.num_rounds`` rounds over ``num_silos`` simulated silos."""
+    silos = [SiloConfig(partition_id=k, num_partitions=num_silos) for k in range(num_silos)]
+    model, encoder = build_model(cfg)
+    initial = {n: t.cpu().numpy().copy() for n, t in model.adapter_state().items()}
+    trainable = set(model.trainable_state())
+    state = dict(initial)
+    ledgers: dict[int, str | None] = {k: None for k in range(num_silos)}
+    rng = np.random.default_rng(hash_seed(cfg.train.seed, 7919))
+
+    def evaluate(server_round: int, extra: dict[str, Any]) -> None:
+        metrics = weighted_metrics([local_evaluate(cfg, s, state) for s in silos])
+        row = {"round": server_round, **extra, **metrics}
+        rows.append(row)
+        if on_round is not None:
+            on_round(row)
+
+    rows: list[dict[str, Any]] = []
+    evaluate(0, {})
+    for server_round in range(1, cfg.federation.num_rounds + 1):
+        updates, weights, losses, eps = [], [], [], {}
+        for k in _sample_silos(cfg, num_silos, rng):
+            arrays, metrics, ledgers[k] = local_train(cfg, silos[k], state, ledger_json=ledgers[k],
+                                                      server_round=server_round)
+            eps[f"epsilon/silo-{k}"] = metrics["epsilon"]
+            if metrics["status"] != STATUS_OK or arrays is None:
+                continue
+            try:
+                check_update(arrays, state, trainable, cfg.federation.max_update_norm)
+            except UpdateRejected:
+                continue
+            updates.append(arrays)
+            weights.append(metrics["num-examples"])
+            losses.append((metrics["train-loss"], metrics["num-examples"]))
+        current = {n: state[n] for n in trainable}
+        if cfg.federation.central_dp:
+            state.update(central_dp_aggregate(current, updates, clip=cfg.federation.central_clip,
+                                              noise_multiplier=central_noise(cfg),
+                                              expected_silos=cfg.federation.fraction_train * num_silos,
+                                              rng=np.random.default_rng()))
+            eps = {"epsilon": accounting(cfg, ledgers, server_round)["epsilon"]}
+        elif updates:
+            state.update(fedavg(updates, weights))
+        users = sum(w for _, w in losses)
+        loss = sum(v * w for v, w in losses) / users if users else math.nan
+        epsilon = eps.get("epsilon", max((v for v in eps.values()), default=math.nan))
+        evaluate(server_round, {"train-loss": loss, "epsilon": epsilon, **dict(sorted(eps.items())),
+                                "silos-trained": len(updates)})
+    return FederatedResult(rounds=rows, state=state, initial=initial, model=model, encoder=encoder,
+                           privacy=accounting(cfg, ledgers, cfg.federation.num_rounds))
