@@ -3,7 +3,9 @@
 The silo's privacy ledger lives in ``context.state`` (node state, kept across rounds of a run)
 and, when the node config names ``ledger-path``, in that file on the silo's disk, written before
 the update leaves the silo (see :mod:`uirl.privacy.ledger_file`). A refusal carries its reason in
-the reply's ``error`` config record, next to the numeric ``status`` metric.
+the reply's ``error`` config record, next to the numeric ``status`` metric. In runs with ``secagg``
+the same round's update leaves the silo only masked, through Flower's SecAgg+ mod
+(:mod:`client.secagg`).
 """
 
 from __future__ import annotations
