@@ -9,7 +9,9 @@ checkpoint of that run instead of at round 1, so no round is lost or counted twi
 
 The loop is written out (rather than ``strategy.start``) so checkpoints and resume sit between
 rounds; the strategy object is built in one place (:func:`build_strategy`), where a wrapper
-(for instance client-level central DP) can be slotted around it.
+(for instance client-level central DP) can be slotted around it. With run-config ``secagg`` the
+training step of each round runs Flower's SecAgg+ protocol instead (:mod:`server.secagg`), so the
+server learns only the mean of the silos' updates; everything else in the loop is unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from server.secagg import secagg_train
 from server.strategy import ValidatingFedAvg, with_central_dp
 from uirl.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from uirl.config import Config, from_run_config, to_run_config
@@ -77,7 +80,7 @@ def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder) -> Str
         trainable=trainable, max_update_norm=fed.max_update_norm,
         on_train=recorder.on_train, on_evaluate=recorder.on_evaluate,
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
-        min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=fed.min_nodes)
+        min_train_nodes=2 if fed.secagg else 1, min_evaluate_nodes=1, min_available_nodes=fed.min_nodes)
     return with_central_dp(strategy, cfg)
 
 
@@ -126,16 +129,21 @@ def main(grid: Grid, context: Context) -> None:
         strategy.aggregate_evaluate(0, replies)
     for server_round in range(done + 1, fed.num_rounds + 1):
         train_config = ConfigRecord({"run-name": run.path.name, "silo-rounds": _silo_rounds(run.ledger)})
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid),
-                                        timeout=REPLY_TIMEOUT)
-        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        if fed.secagg:
+            aggregated = secagg_train(grid, context, cfg, strategy, server_round, arrays, train_config,
+                                      timeout=REPLY_TIMEOUT)
+        else:
+            replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid),
+                                            timeout=REPLY_TIMEOUT)
+            aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
             arrays = aggregated
         replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
                                         timeout=REPLY_TIMEOUT)
         strategy.aggregate_evaluate(server_round, replies)
         values = _to_numpy(arrays)
-        save_checkpoint(run.path, server_round, values, strategy={"name": type(strategy).__name__},
+        save_checkpoint(run.path, server_round, values,
+                        strategy={"name": type(strategy).__name__, "secagg": fed.secagg},
                         rounds=run.rounds, ledger=run.ledger, keep=fed.checkpoint_keep,
                         write_adapter=lambda directory: write_adapter(directory, values))
 

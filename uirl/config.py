@@ -200,6 +200,11 @@ class FederationConfig:
     central_dp: str = ""  # "" (off) | fixed: client-level DP, server-side fixed clipping + Gaussian noise
     central_clip: float = 1.0  # L2 bound of one silo's update under central DP
     central_noise: float | None = None  # None: derived from target-epsilon over num-server-rounds
+    secagg: bool = False  # SecAgg+: the server sees only the weighted sum of the silos' updates
+    secagg_shares: float = 1.0  # fraction of the sampled silos each silo secret-shares its mask keys with
+    secagg_threshold: float = 0.67  # fraction of those shares needed to rebuild a silo's masks
+    secagg_clip: float = 1.0  # each entry of a silo's (weighted) update delta is clipped to +-this
+    secagg_max_users: int = 1000  # largest user count a silo weighs its update with
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num-server-rounds", self.num_rounds, "an integer >= 1")
@@ -213,6 +218,17 @@ class FederationConfig:
         _check(self.central_clip > 0, "central-clip", self.central_clip, "a number > 0")
         if self.central_noise is not None:
             _check(self.central_noise > 0, "central-noise", self.central_noise, "'auto' or a number > 0")
+        _check(0 < self.secagg_shares <= 1, "secagg-shares", self.secagg_shares, "a number in (0, 1]")
+        _check(0 < self.secagg_threshold <= 1, "secagg-threshold", self.secagg_threshold, "a number in (0, 1]")
+        _check(self.secagg_clip > 0, "secagg-clip", self.secagg_clip, "a number > 0")
+        _check(self.secagg_max_users >= 1, "secagg-max-users", self.secagg_max_users, "an integer >= 1")
+        # Server-side clipping needs each silo's update in the clear; under SecAgg+ the server
+        # never sees one. Local user-level DP (dp = true) is the DP that composes with SecAgg+.
+        _check(not (self.secagg and self.central_dp), "secagg", self.secagg,
+               "false when central-dp is on (central DP clips each silo's update on the server, which "
+               "SecAgg+ hides; use the silos' own user-level DP, dp = true, with secagg)")
+        _check(not self.secagg or self.min_nodes >= 2, "min-nodes", self.min_nodes,
+               "an integer >= 2 with secagg (SecAgg+ masks need at least two silos per round)")
 
 
 @dataclass(frozen=True)
@@ -286,6 +302,11 @@ _KEYS: dict[str, tuple[str, str]] = {
     "central-dp": ("federation", "central_dp"),
     "central-clip": ("federation", "central_clip"),
     "central-noise": ("federation", "central_noise"),
+    "secagg": ("federation", "secagg"),
+    "secagg-shares": ("federation", "secagg_shares"),
+    "secagg-threshold": ("federation", "secagg_threshold"),
+    "secagg-clip": ("federation", "secagg_clip"),
+    "secagg-max-users": ("federation", "secagg_max_users"),
 }
 
 _SECTIONS = {

@@ -1,0 +1,76 @@
+"""The silo's side of SecAgg+ (run config ``secagg``): Flower's ``secaggplus_mod`` plus the reply it masks.
+
+Flower's mod answers the protocol's setup, key-sharing and unmasking messages itself and, at the
+"collect masked vectors" stage, calls the ClientApp's train handler, then quantizes, masks and sends
+the update it returns. It reads that update in Flower's older FitRes layout, so under SecAgg+ the
+train handler answers with :func:`fit_reply` instead of the plain ``arrays`` record.
+
+The mod only runs when the run asks for SecAgg+ (:func:`secagg_when_configured`): it would reject the
+plain path's train messages, which carry no SecAgg+ stage.
+"""
+
+from __future__ import annotations
+
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore import log
+
+from uirl.config import Config, from_run_config
+
+#: Must match server/secagg.py: the names of the arrays sent, and of those whose delta is masked.
+ARRAY_NAMES = "array-names"
+DELTA_NAMES = "delta-names"
+
+
+def secagg_when_configured(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Apply ``secaggplus_mod`` to train messages of runs with ``secagg = true``; pass the rest through."""
+    if msg.metadata.message_type == MessageType.TRAIN and from_run_config(context.run_config).federation.secagg:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def fit_instructions(msg: Message) -> tuple[dict[str, np.ndarray], dict, list[str]]:
+    """(global state by name, train config, names of the arrays whose delta goes back) of a SecAgg+ round."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = dict(fitins.config)
+    names = str(config.pop(ARRAY_NAMES)).split(",")
+    delta_names = str(config.pop(DELTA_NAMES)).split(",")
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    return dict(zip(names, arrays, strict=True)), config, delta_names
+
+
+def fit_reply(cfg: Config, global_state: dict[str, np.ndarray], delta_names: list[str],
+              arrays: dict[str, np.ndarray] | None, metrics: dict[str, float], error: str | None) -> RecordDict:
+    """The FitRes record the mod masks: this silo's update delta, weighted by its user count.
+
+    A silo that refused to train sends a zero delta with weight 0: it still takes part in the
+    protocol (so the others' masks cancel) but adds nothing to the mean.
+    """
+    if arrays is None:
+        deltas, weight = [np.zeros_like(global_state[n]) for n in delta_names], 0
+    else:
+        deltas = [arrays[n] - global_state[n] for n in delta_names]
+        weight = int(metrics.get("num-examples", 0))
+        if weight > cfg.federation.secagg_max_users:
+            log(WARNING, "silo has %d users, more than secagg-max-users %d: weighted as %d",
+                weight, cfg.federation.secagg_max_users, cfg.federation.secagg_max_users)
+            weight = cfg.federation.secagg_max_users
+    reply_metrics: dict = dict(metrics)
+    if error is not None:
+        reply_metrics["error"] = error
+    return compat.fitres_to_recorddict(FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(deltas),
+                                              num_examples=weight, metrics=reply_metrics), keep_input=True)
+
+
+def secagg_train(msg: Message, cfg: Config, train_round) -> Message:
+    """Train handler under SecAgg+; ``train_round(global_state, config)`` -> (arrays, metrics, error)."""
+    global_state, config, delta_names = fit_instructions(msg)
+    arrays, metrics, error = train_round(global_state, config)
+    return Message(content=fit_reply(cfg, global_state, delta_names, arrays, metrics, error), reply_to=msg)

@@ -1,0 +1,142 @@
+"""One training round under SecAgg+: the server learns only the weighted mean of the silos' updates.
+
+Flower 1.41 offers SecAgg+ only through its older strategy interface: ``SecAggPlusWorkflow`` runs
+the four protocol stages (setup, share keys, collect masked vectors, unmask) against a
+``LegacyContext`` whose ``Strategy`` picks the silos (``configure_fit``) and receives the unmasked
+aggregate (``aggregate_fit``). This module runs that workflow for the *training step of one round*
+and nothing else, so round 0, evaluation, checkpoints, resume and the run directory stay the
+ServerApp's own loop.
+
+What travels: the server sends the full global adapter state (arrays in name order, the names in the
+config). Each silo trains as usual and hands SecAgg+ its *update delta* (new minus global, trainable
+arrays only) weighted by its user count; a silo that refuses to train contributes a zero delta with
+weight 0. SecAgg+ quantizes each weighted entry after clipping it to ``+-secagg-clip`` and masks it,
+so the server unmasks only ``sum(users_i * delta_i) / sum(users_i)`` -- FedAvg's result, up to the
+quantization error. Per-silo metrics (training loss, the privacy-ledger numbers, a refusal's
+reason) still travel in the clear next to the masked vector.
+
+Because no single update is ever visible, the per-update checks of :class:`ValidatingFedAvg` cannot
+run. The mean is checked instead: finite, and within ``max-update-norm`` of the global model (a mean
+of updates that each respected the bound respects it too, so a larger mean proves a bad update).
+"""
+
+from __future__ import annotations
+
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import (FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
+from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from server.strategy import ValidatingFedAvg
+from uirl.aggregation import UpdateRejected, check_update
+from uirl.config import Config
+from uirl.federated import STATUS_OK
+
+#: Config key naming the arrays of the global state, in the order they travel (legacy Parameters
+#: carry no names).
+ARRAY_NAMES = "array-names"
+#: Config key naming the trainable arrays, in the order of the masked delta.
+DELTA_NAMES = "delta-names"
+
+
+class _MeanDelta(Strategy):
+    """The legacy strategy SecAgg+ drives: fixed silos in, the unmasked mean delta out."""
+
+    def __init__(self, node_ids: list[int], global_state: dict[str, np.ndarray], delta_names: list[str],
+                 config: dict[str, Scalar]) -> None:
+        self.node_ids = node_ids
+        self.global_state = global_state
+        self.delta_names = delta_names
+        self.config = config
+        self.mean_delta: list[np.ndarray] | None = None
+        self.per_silo: list[dict] = []
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
+                      ) -> list[tuple[ClientProxy, FitIns]]:
+        names = sorted(self.global_state)
+        fitins = FitIns(ndarrays_to_parameters([self.global_state[n] for n in names]),
+                        {**self.config, ARRAY_NAMES: ",".join(names), DELTA_NAMES: ",".join(self.delta_names)})
+        proxies = client_manager.all()
+        return [(proxies[str(nid)], fitins) for nid in self.node_ids]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        for proxy, res in results:
+            metrics = {**res.metrics, "node-id": proxy.node_id}
+            accepted = metrics.get("status", STATUS_OK) == STATUS_OK and res.num_examples > 0
+            if not accepted and metrics.get("error"):
+                log(WARNING, "round %d: node %d refused to train: %s", server_round, proxy.node_id, metrics["error"])
+            self.per_silo.append({**metrics, "accepted": accepted})
+        for failure in failures:
+            log(WARNING, "round %d: a silo dropped out of SecAgg+: %s", server_round, failure)
+        if results and any(m["accepted"] for m in self.per_silo):
+            # SecAgg+ hands every result the same unmasked mean; nothing per silo is left to average.
+            self.mean_delta = parameters_to_ndarrays(results[0][1].parameters)
+        return None, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def workflow(cfg: Config, timeout: float) -> SecAggPlusWorkflow:
+    fed = cfg.federation
+    return SecAggPlusWorkflow(num_shares=float(fed.secagg_shares), reconstruction_threshold=float(fed.secagg_threshold),
+                              max_weight=float(fed.secagg_max_users), clipping_range=float(fed.secagg_clip),
+                              timeout=timeout)
+
+
+def secagg_train(grid: Grid, context: Context, cfg: Config, strategy: ValidatingFedAvg, server_round: int,
+                 arrays: ArrayRecord, train_config: ConfigRecord, timeout: float) -> ArrayRecord | None:
+    """Run one SecAgg+ training round; the new global arrays, or ``None`` to keep the current ones.
+
+    The silos are sampled exactly as the plain path samples them (``strategy.configure_train``);
+    the per-silo metrics reach the run directory through ``strategy.on_train`` as usual.
+    """
+    messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+    node_ids = [m.metadata.dst_node_id for m in messages]
+    global_state = {name: np.asarray(a.numpy()) for name, a in arrays.items()}
+    delta_names = sorted(strategy.trainable)
+    legacy = _MeanDelta(node_ids, global_state, delta_names,
+                        {**dict(train_config), "server-round": server_round})
+    manager = SimpleClientManager()
+    for nid in node_ids:
+        manager.register(GridClientProxy(node_id=nid, grid=grid, run_id=grid.run.run_id))
+    legacy_context = LegacyContext(context, strategy=legacy, client_manager=manager)
+    legacy_context.state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: server_round}),
+                                       MAIN_PARAMS_RECORD: ArrayRecord()})
+    if len(node_ids) >= 2:
+        workflow(cfg, timeout)(grid, legacy_context)
+    else:
+        log(WARNING, "round %d: SecAgg+ needs at least two silos, %d sampled; round skipped",
+            server_round, len(node_ids))
+    strategy.on_train(server_round, legacy.per_silo)
+    if legacy.mean_delta is None:
+        return None
+    new = {name: (global_state[name].astype(np.float64) + delta).astype(global_state[name].dtype)
+           for name, delta in zip(delta_names, legacy.mean_delta, strict=True)}
+    try:
+        check_update(new, global_state, strategy.trainable, strategy.max_update_norm)
+    except UpdateRejected as why:
+        log(WARNING, "round %d: rejected the SecAgg+ aggregate: %s", server_round, why)
+        return None
+    return ArrayRecord({name: Array(new.get(name, value)) for name, value in global_state.items()})
