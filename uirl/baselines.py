@@ -20,9 +20,9 @@ lists so a report can check that two rows were scored on the same ones.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
