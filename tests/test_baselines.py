@@ -108,3 +108,26 @@ def test_central_dp_run_records_client_level_accounting(tiny_bert):
     assert result.rounds[1]["epsilon"] < result.rounds[2]["epsilon"] == pytest.approx(acc["epsilon"])
     frozen = [n for n in result.state if "lora_A" in n]
     assert frozen and all(np.array_equal(result.state[n], result.initial[n]) for n in frozen)
+
+
+def test_centralized_round_takes_as_many_steps_as_a_silo_with_the_silos_users_per_step(tiny_bert, monkeypatch):
+    """The pooled baseline gets the federated budget per round: same epochs, same steps, same users per
+    step as all silos together (not ``silos`` times more Adam steps of ``batch-users`` users each)."""
+    import uirl.baselines as b
+    from uirl.train import train_round
+
+    cfg = tiny_config(tiny_bert, dp=False, **{**FAST, "local-epochs": 1.0, "batch-users": 8})
+    silo_steps = {local_train(cfg, SiloConfig(partition_id=k, num_partitions=2), {}, ledger_json=None,
+                              server_round=1)[1]["steps"] for k in range(2)}
+    pooled = []
+
+    def spy(model, bank, users, touched, run_cfg, **kw):
+        result = train_round(model, bank, users, touched, run_cfg, **kw)
+        pooled.append((len(users), run_cfg.train.batch_users, result.steps))
+        return result
+
+    monkeypatch.setattr(b, "train_round", spy)
+    b.centralized(cfg, 2)
+    users = sum(len(s.users) for s in b.load_silos(cfg, 2))
+    assert silo_steps == {3.0}  # 20 users, 8 per step, 1 epoch
+    assert pooled == [(users, 16, 3)]

@@ -121,3 +121,25 @@ def test_bad_sweep_files_fail_with_one_clear_error(tmp_path, text, field, capsys
     assert str(path) in str(err.value) and (field is None or field in str(err.value))
     assert sw.main([str(path)]) == 2
     assert capsys.readouterr().err.startswith("uirl: ")
+
+
+def test_a_sweep_runs_on_a_converted_dataset(tiny_bert, tmp_path):
+    """``dataset`` in [base] points every cell at a directory written by ``uirl data convert``."""
+    import publisher_files as pf
+    from uirl.data.convert import ConvertOptions, convert
+
+    data = tmp_path / "ml"
+    convert("movielens", pf.write_ml100k_synthetic(tmp_path / "src", num_users=30, num_items=100), data,
+            ConvertOptions(negatives=9))
+    text = SWEEP.format(model=tiny_bert, methods='"federated", "centralized", "popularity"')
+    text = text.replace("synthetic-users = 40\nsynthetic-items = 300\n", f'dataset = "{data.as_posix()}"\n')
+    text = text.replace("target-epsilon = [2.0, inf]\nseed = [0, 1]", "target-epsilon = [inf]\nseed = [0]")
+    path = tmp_path / "s.toml"
+    path.write_text(text, encoding="utf-8")
+    sweep = sw.load_sweep(path, out=tmp_path / "out")
+    assert {c.method for c in sweep.cells} == {"federated", "centralized", "popularity"}
+    sw.run_sweep(sweep)
+    rows = sw.read_results(tmp_path / "out" / "results.jsonl")
+    assert len(rows) == 3 and all(r["run-config"]["dataset"] == str(data.as_posix()) for r in rows)
+    assert len({r["candidates"] for r in rows}) == 1  # every method scored on the same converted lists
+    assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
