@@ -113,7 +113,8 @@ def flower(overrides: dict[str, object], num_silos: int, *, log) -> tuple[dict[s
 
 
 def _value(text: str) -> object:
-    """A command-line override value: bool, int, float, or the string itself."""
+    """A command-line override value: bool, int, float, or the string itself (without the quotes
+    that ``flwr run --run-config`` wants around strings, single or double)."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     for kind in (int, float):
@@ -121,7 +122,7 @@ def _value(text: str) -> object:
             return kind(text)
         except ValueError:
             pass
-    return text.strip('"')
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" else text
 
 
 def table(rows: list[dict[str, object]]) -> tuple[str, str]:

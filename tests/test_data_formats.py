@@ -163,3 +163,24 @@ def test_cli_convert_and_stats(tmp_path, capsys):
     assert len(rows) == 2
     users = np.array([int(r.split("│")[2]) for r in rows])
     assert users.sum() == 30
+
+
+def test_generated_ml100k_gives_rating_labels_and_genre_categories(tmp_path):
+    """The ablation's MovieLens-format data: publisher layout, and the parts' side data survives."""
+    from simulation.ablation import _value
+    from simulation.movielens_demo import write_ml100k
+    from uirl.config import SiloConfig, from_run_config
+    from uirl.data.formats.movielens import ML100K_GENRES
+    from uirl.data.silo import load_silo
+
+    raw = write_ml100k(tmp_path / "raw", users=30, movies=60, min_ratings=8, max_ratings=12)
+    assert all(len(line.split("|")) == 24 for line in (raw / "u.item").read_bytes().decode("latin-1").splitlines())
+    out = tmp_path / "out"
+    assert main(["data", "convert", "--format", "movielens", str(raw), str(out), "--negatives", "5"]) == 0
+    cfg = from_run_config({"dataset": _value(f"'{out}'"), "partitioning": _value("'iid'"), "facets": 2,
+                           "facet-heads": True})
+    silo = load_silo(cfg.data, SiloConfig(partition_id=0, num_partitions=1), seed=0)
+    labels = {b for u in silo.users for b in u.behaviors}
+    assert labels and labels <= {"rate-4", "rate-5"}  # positives only, rating kept as the label
+    assert set(silo.item_category.values()) <= set(ML100K_GENRES[1:]) and len(set(silo.item_category.values())) > 5
+
