@@ -146,9 +146,8 @@ class ViewFusion(nn.Module):
         self.align = nn.ModuleDict({v: nn.Linear(dim, dim, bias=False) for v in views})
         for layer in self.align.values():
             nn.init.eye_(layer.weight)
-        self.gate = nn.Linear(dim, 1)
+        self.gate = nn.Linear(dim, 1, bias=False)  # softmax over views: a shared bias would do nothing
         nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
         if "image" in views:
             self.image_proj = nn.Linear(image_dim, dim)  # image features -> the text space
 

@@ -33,9 +33,10 @@ class AttentionPooling(nn.Module):
     def __init__(self, dim: int, hidden: int = 64) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, hidden)
-        self.score = nn.Linear(hidden, 1)
+        # No bias: softmax ignores a shift shared by every position, so a bias would get a zero
+        # gradient that Adam (which normalises the step) turns into a random walk of float noise.
+        self.score = nn.Linear(hidden, 1, bias=False)
         nn.init.zeros_(self.score.weight)
-        nn.init.zeros_(self.score.bias)
 
     def forward(self, events: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, H, d) history vectors + (B, H) bool mask (at least one True per row) -> (B, d)."""
