@@ -19,13 +19,12 @@ silos by category.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 
-from uirl.data.formats.common import Tables, events_table, items_table, text_lines
+from uirl.data.formats.common import Tables, events_table, items_table, json_records
 from uirl.errors import DataError
 
 _SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json")
@@ -60,19 +59,6 @@ def _files(path: Path) -> tuple[list[Path], dict[str, list[Path]]]:
             raise DataError(f"no metadata file meta_{_category(review)}.json(l)(.gz) next to it (item titles "
                             f"come from there)", file=str(review))
     return reviews, meta
-
-
-def _records(path: Path):
-    for number, line in text_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"not valid JSON ({exc.msg})", file=str(path), line=number) from None
-        if not isinstance(record, dict):
-            raise DataError("expected a JSON object", file=str(path), line=number)
-        yield number, record
 
 
 def _need(record: dict, keys: tuple[str, ...], path: Path, line: int):
@@ -112,7 +98,7 @@ def read(path: Path, *, skip_unknown: bool = False) -> Tables:
     user_cats: dict[str, Counter] = {}
     for review_file in reviews:
         category = _category(review_file)
-        for line, r in _records(review_file):
+        for line, r in json_records(review_file):
             new = "user_id" in r
             user = str(_need(r, ("user_id",) if new else ("reviewerID",), review_file, line))
             item = str(_need(r, ("parent_asin", "asin") if new else ("asin",), review_file, line))
@@ -139,7 +125,7 @@ def read(path: Path, *, skip_unknown: bool = False) -> Tables:
     items: dict[str, tuple[str, str | None]] = {}
     for category in sorted({_category(r) for r in reviews}):
         for meta_file in meta[category]:
-            for line, m in _records(meta_file):
+            for line, m in json_records(meta_file):
                 item = str(_need(m, ("parent_asin", "asin"), meta_file, line))
                 if item in wanted and item not in items:
                     main = m.get("main_category") or m.get("main_cat") or category

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -76,6 +77,21 @@ def text_lines(path: Path, *, encoding: str = "utf-8") -> Iterator[tuple[int, st
                 yield number, text.rstrip("\r\n")
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DataError(f"truncated or corrupt gzip file after line {number} ({exc})", file=str(path)) from None
+
+
+def json_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of a JSON-lines file, plain or gzip; blank lines skipped. A line that
+    is not a JSON object is a DataError naming the line."""
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON ({exc.msg})", file=str(path), line=number) from None
+        if not isinstance(record, dict):
+            raise DataError("expected a JSON object", file=str(path), line=number)
+        yield number, record
 
 
 def split_lines(path: Path, sep: str, num_fields: int | Sequence[int], *, encoding: str

@@ -8,14 +8,13 @@ name the file, the row and the field.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uirl.data.formats.common import EVENT_TYPES, ITEM_TYPES, Tables, text_lines
+from uirl.data.formats.common import EVENT_TYPES, ITEM_TYPES, Tables, json_records, text_lines
 from uirl.data.schema import validate_events, validate_items
 from uirl.errors import DataError
 
@@ -37,17 +36,7 @@ def _frame(path: Path) -> pd.DataFrame:
         except (pa.ArrowInvalid, OSError) as exc:
             raise DataError(f"not a readable Parquet file ({exc})", file=str(path)) from None
     if path.suffix == ".jsonl":
-        records = []
-        for number, line in text_lines(path):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"not valid JSON ({exc.msg})", file=str(path), line=number) from None
-            if not isinstance(record, dict):
-                raise DataError("expected a JSON object", file=str(path), line=number)
-            records.append(record)
+        records = [record for _, record in json_records(path)]
         return pd.DataFrame.from_records(records)
     for _ in text_lines(path):  # decode check first: names the line of a bad byte
         pass
