@@ -37,3 +37,23 @@ def test_readme_defaults_equal_the_code_defaults():
 
     defaults = {key: shown(value) for key, value in to_run_config(from_run_config({})).items()}
     assert _readme_keys() == defaults
+
+
+def test_the_library_never_imports_flower():
+    """uirl/ is Flower-free (DESIGN.md): importing every module, and partitioning users with the
+    standalone flwr-datasets partitioners, loads no ``flwr`` module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, sys, pandas as pd, uirl\n"
+        "for m in pkgutil.walk_packages(uirl.__path__, 'uirl.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "from uirl.data.partition import assign\n"
+        "users = pd.DataFrame({'user_id': [f'u{i}' for i in range(12)], 'job': list('ab') * 6})\n"
+        "for p in ('iid', 'natural', 'dirichlet'):\n"
+        "    assign(users, partitioning=p, partition_by='job', alpha=0.5, num_partitions=2, seed=0)\n"
+        "print(sorted(m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
