@@ -50,3 +50,20 @@ def test_mean_metrics_averages_per_user():
 def test_invalid_input_raises(scores, target):
     with pytest.raises(ValueError):
         ranking_metrics(scores, target_index=target)
+
+
+def test_full_catalogue_metrics_hand_computed():
+    from uirl.metrics import full_catalogue_metrics
+
+    # 8 items; target = item 2 (score 0.6). Items 0 (0.9) and 5 (0.8) score higher, but item 0 is
+    # in the user's history (excluded), item 4 ties with the target (half a rank).
+    scores = np.array([0.9, 0.1, 0.6, 0.2, 0.6, 0.8, 0.3, 0.0])
+    m = full_catalogue_metrics(scores, 2, excluded=[0, 3], ks=(1, 2, 3))
+    assert m["full/rank"] == 2.5  # 1 + item 5 + half of item 4
+    assert m["full/recall@1"] == 0.0 and m["full/recall@2"] == 0.0 and m["full/recall@3"] == 1.0
+    assert m["full/ndcg@3"] == pytest.approx(1 / math.log2(3.5))
+    # Excluding the target itself has no effect; nothing excluded: item 0 counts too.
+    assert full_catalogue_metrics(scores, 2, excluded=[0, 2], ks=(3,))["full/rank"] == 2.5
+    assert full_catalogue_metrics(scores, 2, ks=(3,))["full/rank"] == 3.5
+    with pytest.raises(ValueError):
+        full_catalogue_metrics(scores, 2, excluded=[9])

@@ -69,3 +69,35 @@ def mean_metrics(per_user: Iterable[Mapping[str, float]]) -> dict[str, float]:
         if set(row) != set(keys):
             raise ValueError(f"per-user metrics {i} has keys {sorted(row)}, expected {sorted(keys)}")
     return {key: float(np.mean([row[key] for row in rows])) for key in keys}
+
+
+#: Cut-offs of the full-catalogue metrics (``full/recall@k``, ``full/ndcg@k``).
+FULL_KS = (10, 20)
+
+
+def full_catalogue_metrics(scores: np.ndarray, target_index: int, excluded: np.ndarray | Sequence[int] = (),
+                           ks: Iterable[int] = FULL_KS) -> dict[str, float]:
+    """Metrics of one user's target ranked against the WHOLE catalogue, not a sampled list.
+
+    ``scores`` (N,) scores every catalogue item; ``target_index`` is the test target's position;
+    ``excluded`` are positions never ranked (the items the user touched before: their history),
+    the target itself is never excluded. Rank ``r`` is computed as in :func:`rank_of_target` over
+    the remaining items (ties count half). Returns ``full/recall@k`` (1 if r <= k) and
+    ``full/ndcg@k`` (1/log2(r+1) if r <= k) for each k, and ``full/rank``.
+    """
+    arr = _scores(scores, target_index)
+    keep = np.ones(arr.size, dtype=bool)
+    excluded = np.asarray(excluded, dtype=np.int64)
+    if excluded.size:
+        if excluded.min() < 0 or excluded.max() >= arr.size:
+            raise ValueError(f"excluded positions must lie in [0, {arr.size - 1}]")
+        keep[excluded] = False
+    keep[target_index] = True
+    target = arr[target_index]
+    others = arr[keep]
+    r = 1.0 + float((others > target).sum()) + 0.5 * float((others == target).sum() - 1)
+    out = {"full/rank": r}
+    for k in ks:
+        out[f"full/recall@{k}"] = 1.0 if r <= k else 0.0
+        out[f"full/ndcg@{k}"] = 1.0 / math.log2(r + 1.0) if r <= k else 0.0
+    return out
