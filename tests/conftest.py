@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Cached item vectors (train-mode = cached) go to a per-session folder, never the user's cache.
+os.environ.setdefault("UIRL_CACHE", tempfile.mkdtemp(prefix="uirl-test-cache-"))
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

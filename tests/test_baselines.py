@@ -31,9 +31,9 @@ def test_every_method_scores_the_same_candidate_lists(tiny_bert, monkeypatch):
     current = {"method": ""}
     real_evaluate = t.evaluate
 
-    def spy(model, bank, users, cfg, *, split="test"):
+    def spy(model, bank, users, cfg, *, split="test", **kw):
         seen.setdefault(current["method"], set()).update((u.user_id, u.test_candidates) for u in users)
-        return real_evaluate(model, bank, users, cfg, split=split)
+        return real_evaluate(model, bank, users, cfg, split=split, **kw)
 
     monkeypatch.setattr(t, "evaluate", spy)
     monkeypatch.setattr(b, "evaluate", spy)

@@ -38,8 +38,17 @@ class ModelConfig:
     lora_targets: str = "auto"  # comma-separated module names, or auto (per architecture)
     ffa_lora: bool = True  # freeze LoRA A, train B only (the default under DP)
     temperature: float = 0.05  # score = cos(user, item) / temperature
+    train_mode: str = "lora"  # lora: LoRA through the encoder | cached: frozen encoder, cached item vectors
+    user_proj_rank: int = 0  # residual user projection: 0 = full d x d, r > 0 = rank r (fewer travelling dims)
+    item_proj_rank: int = 0  # residual item projection of rank r on every item vector (0 = off)
+    popularity_prior: bool = False  # score += w * log(1 + released item popularity), w learned
+    prior_weight: float = 1.0  # the learned weight w of the popularity prior starts here
 
     def __post_init__(self) -> None:
+        _check(self.train_mode in ("lora", "cached"), "train-mode", self.train_mode, "lora or cached")
+        _check(self.user_proj_rank >= 0, "user-proj-rank", self.user_proj_rank, "an integer >= 0 (0 = full)")
+        _check(self.item_proj_rank >= 0, "item-proj-rank", self.item_proj_rank, "an integer >= 0 (0 = off)")
+        _check(math.isfinite(self.prior_weight), "prior-weight", self.prior_weight, "a finite number")
         _check(self.max_tokens >= 4, "max-tokens", self.max_tokens, "an integer >= 4")
         _check(self.pooling in ("auto", "mean", "last"), "pooling", self.pooling, "auto, mean or last")
         _check(self.lora_r >= 1, "lora-r", self.lora_r, "an integer >= 1")
@@ -126,6 +135,7 @@ class DataConfig:
     eval_negatives: int = 19
     eval_max_users: int = 0  # 0 = every user of the silo; otherwise a fixed seeded subset
     holdout_users: float = 0.0  # fraction of each silo's users never trained on (membership audit)
+    full_catalogue: bool = True  # also rank each test target against every item the user has not touched
 
     def __post_init__(self) -> None:
         _check(bool(self.dataset.strip()), "dataset", self.dataset,
@@ -173,8 +183,10 @@ class PrivacyConfig:
     clip_norm: float = 1.0
     noise_multiplier: float | None = None  # None: derived from the target for the planned steps
     accountant: str = "rdp"  # rdp | prv
+    popularity_budget: float = 0.25  # share of target-epsilon the popularity release alone may cost
 
     def __post_init__(self) -> None:
+        _check(0 < self.popularity_budget < 1, "popularity-budget", self.popularity_budget, "a number in (0, 1)")
         _check(self.target_epsilon > 0, "target-epsilon", self.target_epsilon, "a number > 0")
         _check(0 < self.target_delta < 1, "target-delta", self.target_delta, "a number in (0, 1)")
         _check(self.clip_norm > 0, "clip-norm", self.clip_norm, "a number > 0")
@@ -205,6 +217,7 @@ class FederationConfig:
     secagg_threshold: float = 0.67  # fraction of those shares needed to rebuild a silo's masks
     secagg_clip: float = 1.0  # each entry of a silo's (weighted) update delta is clipped to +-this
     secagg_max_users: int = 1000  # largest user count a silo weighs its update with
+    eval_every: int = 1  # evaluate the global model every k rounds (and always after the last)
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num-server-rounds", self.num_rounds, "an integer >= 1")
@@ -221,6 +234,7 @@ class FederationConfig:
         _check(0 < self.secagg_shares <= 1, "secagg-shares", self.secagg_shares, "a number in (0, 1]")
         _check(0 < self.secagg_threshold <= 1, "secagg-threshold", self.secagg_threshold, "a number in (0, 1]")
         _check(self.secagg_clip > 0, "secagg-clip", self.secagg_clip, "a number > 0")
+        _check(self.eval_every >= 1, "eval-every", self.eval_every, "an integer >= 1")
         _check(self.secagg_max_users >= 1, "secagg-max-users", self.secagg_max_users, "an integer >= 1")
         # Server-side clipping needs each silo's update in the clear; under SecAgg+ the server
         # never sees one. Local user-level DP (dp = true) is the DP that composes with SecAgg+.
@@ -252,6 +266,11 @@ _KEYS: dict[str, tuple[str, str]] = {
     "lora-targets": ("model", "lora_targets"),
     "ffa-lora": ("model", "ffa_lora"),
     "temperature": ("model", "temperature"),
+    "train-mode": ("model", "train_mode"),
+    "user-proj-rank": ("model", "user_proj_rank"),
+    "item-proj-rank": ("model", "item_proj_rank"),
+    "popularity-prior": ("model", "popularity_prior"),
+    "prior-weight": ("model", "prior_weight"),
     "levels": ("interest", "levels"),
     "short-window": ("interest", "short_window"),
     "level-weight": ("interest", "level_weight"),
@@ -278,6 +297,7 @@ _KEYS: dict[str, tuple[str, str]] = {
     "eval-negatives": ("data", "eval_negatives"),
     "eval-max-users": ("data", "eval_max_users"),
     "holdout-users": ("data", "holdout_users"),
+    "full-catalogue": ("data", "full_catalogue"),
     "lr": ("train", "lr"),
     "batch-users": ("train", "batch_users"),
     "local-epochs": ("train", "local_epochs"),
@@ -289,6 +309,7 @@ _KEYS: dict[str, tuple[str, str]] = {
     "clip-norm": ("privacy", "clip_norm"),
     "noise-multiplier": ("privacy", "noise_multiplier"),
     "accountant": ("privacy", "accountant"),
+    "popularity-budget": ("privacy", "popularity_budget"),
     "num-server-rounds": ("federation", "num_rounds"),
     "strategy": ("federation", "strategy"),
     "fraction-train": ("federation", "fraction_train"),
@@ -307,6 +328,7 @@ _KEYS: dict[str, tuple[str, str]] = {
     "secagg-threshold": ("federation", "secagg_threshold"),
     "secagg-clip": ("federation", "secagg_clip"),
     "secagg-max-users": ("federation", "secagg_max_users"),
+    "eval-every": ("federation", "eval_every"),
 }
 
 _SECTIONS = {

@@ -19,14 +19,17 @@ import numpy as np
 
 from uirl.aggregation import UpdateRejected, check_update, fedavg
 from uirl.config import Config, SiloConfig
-from uirl.federated import STATUS_OK, hash_seed, local_evaluate, local_train
+from uirl.errors import UirlError
+from uirl.federated import STATUS_OK, hash_seed, local_evaluate, local_release, local_train
+from uirl.privacy.popularity import prior_from_counts
 from uirl.model import InterestModel
 from uirl.model.build import build_model
 from uirl.model.encoder import Encoder
 from uirl.privacy import PrivacyLedger
 from uirl.privacy.central import central_dp_aggregate, central_epsilon, plan_central_noise
 
-_RANKING = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10")
+_RANKING = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10",
+            "full/recall@10", "full/recall@20", "full/ndcg@10", "full/ndcg@20")
 
 
 @dataclass
@@ -42,7 +45,8 @@ class FederatedResult:
 def weighted_metrics(per_silo: list[dict[str, float]]) -> dict[str, float]:
     """Silo metrics averaged with ``num-examples`` weights (as FedAvg aggregates evaluation)."""
     total = sum(m["num-examples"] for m in per_silo)
-    return {k: sum(m[k] * m["num-examples"] for m in per_silo) / total for k in _RANKING if k in per_silo[0]}
+    return {k: sum(m[k] * m["num-examples"] for m in per_silo) / total for k in _RANKING
+            if all(k in m for m in per_silo)}
 
 
 def central_noise(cfg: Config) -> float:
@@ -82,6 +86,15 @@ def _sample_silos(cfg: Config, num_silos: int, rng: np.random.Generator) -> list
     return sorted(rng.choice(num_silos, size=size, replace=False).tolist())
 
 
+def popularity_prior(released: list[np.ndarray]) -> np.ndarray | None:
+    """The server's prior from the silos' released count vectors: log(1 + max(sum, 0))."""
+    if not released:
+        return None
+    if len({len(c) for c in released}) != 1:
+        raise UirlError("silos released popularity counts over catalogues of different sizes")
+    return prior_from_counts(np.sum(released, axis=0))
+
+
 def run_federated(cfg: Config, num_silos: int, *,
                   on_round: Callable[[dict[str, Any]], None] | None = None) -> FederatedResult:
     """``cfg.federation.num_rounds`` rounds over ``num_silos`` simulated silos."""
@@ -92,21 +105,29 @@ def run_federated(cfg: Config, num_silos: int, *,
     state = dict(initial)
     ledgers: dict[int, str | None] = {k: None for k in range(num_silos)}
     rng = np.random.default_rng(hash_seed(cfg.train.seed, 7919))
+    prior = None
+    if cfg.model.popularity_prior:  # each silo's (noised) counts, summed by the server
+        released = [local_release(cfg, s, ledger_json=ledgers[k]) for k, s in enumerate(silos)]
+        ledgers = {k: ledger for k, (_, _, ledger) in enumerate(released)}
+        prior = popularity_prior([counts for counts, _, _ in released if counts is not None])
 
     def evaluate(server_round: int, extra: dict[str, Any]) -> None:
-        metrics = weighted_metrics([local_evaluate(cfg, s, state) for s in silos])
+        metrics = {}
+        every = cfg.federation.eval_every
+        if server_round in (0, cfg.federation.num_rounds) or server_round % every == 0:
+            metrics = weighted_metrics([local_evaluate(cfg, s, state, prior=prior) for s in silos])
         row = {"round": server_round, **extra, **metrics}
         rows.append(row)
         if on_round is not None:
             on_round(row)
 
     rows: list[dict[str, Any]] = []
-    evaluate(0, {})
+    evaluate(0, {"epsilon": accounting(cfg, ledgers, 0)["epsilon"]} if prior is not None else {})
     for server_round in range(1, cfg.federation.num_rounds + 1):
         updates, weights, losses, eps = [], [], [], {}
         for k in _sample_silos(cfg, num_silos, rng):
             arrays, metrics, ledgers[k] = local_train(cfg, silos[k], state, ledger_json=ledgers[k],
-                                                      server_round=server_round)
+                                                      server_round=server_round, prior=prior)
             eps[f"epsilon/silo-{k}"] = metrics["epsilon"]
             if metrics["status"] != STATUS_OK or arrays is None:
                 continue

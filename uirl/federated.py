@@ -23,7 +23,12 @@ from uirl.model.build import build_model
 from uirl.privacy import PrivacyLedger, plan_noise_multiplier
 from uirl.privacy.accountant import PrivacyError
 from uirl.privacy.ledger_file import LedgerFile, Release, digest_arrays
-from uirl.train import evaluate, sampling_plan, train_round
+from uirl.errors import UirlError
+from uirl.model.vector_cache import load_catalogue_vectors
+from uirl.privacy.dp_sgd import secure_sampling_rng
+from uirl.privacy.popularity import (gaussian_release, plan_sgd_noise_after_release, release_noise,
+                                     user_normalised_counts)
+from uirl.train import encode_texts, evaluate, sampling_plan, train_round
 
 STATUS_OK = 0
 STATUS_BUDGET_EXHAUSTED = 1
@@ -33,7 +38,10 @@ STATUS_REPLAY_REFUSED = 3  # asked again for a round already released, with a di
 TRAIN_METRICS = frozenset({"num-examples", "silo", "status", "train-loss", "steps", "users-sampled",
                            "epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate",
                            "rounds-trained", "replayed"})
-EVAL_METRICS = frozenset({"num-examples", "silo", "auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10"})
+EVAL_METRICS = frozenset({"num-examples", "silo", "auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10",
+                          "full/recall@10", "full/recall@20", "full/ndcg@10", "full/ndcg@20"})
+RELEASE_METRICS = frozenset({"num-examples", "silo", "status", "epsilon", "delta", "noise-multiplier",
+                             "release-noise"})
 
 
 @dataclass
@@ -49,7 +57,28 @@ def _worker(cfg: Config, silo_cfg: SiloConfig) -> tuple[_Worker, Silo]:
     # Room for several silos: an in-process simulation (simulation.sweep) hosts all of them.
     silo = load_silo(cfg.data, silo_cfg, seed=cfg.train.seed)
     model, encoder = build_model(cfg)
-    return _Worker(model, silo_bank(silo, encoder.tokenizer, cfg)), silo
+    bank = silo_bank(silo, encoder.tokenizer, cfg)
+    if cfg.model.train_mode == "cached":
+        # The encoder never changes in this mode: encode the catalogue once (or read it from disk).
+        load_catalogue_vectors(model, bank, identity=f"{cfg.model.name}|{cfg.model.max_tokens}|{model.pooling}",
+                               encode=encode_texts)
+    return _Worker(model, bank), silo
+
+
+def catalogue_ids(silo: Silo) -> list[str]:
+    """The catalogue in the order the popularity counts and the prior use (sorted ids)."""
+    return sorted(silo.item_text)
+
+
+def _load_global(worker: _Worker, silo: Silo, global_state: dict[str, np.ndarray], prior: np.ndarray | None) -> None:
+    worker.model.load_adapter_state({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
+    if prior is None:
+        worker.bank.prior = {}
+        return
+    ids = catalogue_ids(silo)
+    if len(prior) != len(ids):
+        raise UirlError(f"the popularity prior has {len(prior)} items, this silo's catalogue {len(ids)}")
+    worker.bank.set_prior(ids, np.asarray(prior, dtype=np.float64))
 
 
 def silo_bank(silo: Silo, tokenizer, cfg: Config) -> TextBank:
@@ -66,11 +95,51 @@ def new_ledger(cfg: Config, silo_cfg: SiloConfig, num_users: int) -> PrivacyLedg
     target = silo_cfg.target_epsilon or cfg.privacy.target_epsilon
     sigma = cfg.privacy.noise_multiplier
     if sigma is None:
-        sigma = plan_noise_multiplier(target_epsilon=target, target_delta=cfg.privacy.target_delta,
-                                      sample_rate=q, steps=steps * cfg.federation.num_rounds,
-                                      accountant=cfg.privacy.accountant)
+        sigma = planned_noise(cfg, target, q, steps * cfg.federation.num_rounds)
     return PrivacyLedger(accountant=cfg.privacy.accountant, noise_multiplier=sigma, sample_rate=q,
                          target_epsilon=target, target_delta=cfg.privacy.target_delta)
+
+
+@functools.lru_cache(maxsize=64)
+def planned_noise(cfg: Config, target: float, sample_rate: float, steps: int) -> float:
+    """DP-SGD noise multiplier for the whole run (planned once per configuration and process):
+    ``steps`` steps at ``sample_rate`` within ``target``, after the popularity release if the
+    model uses the private prior."""
+    p = cfg.privacy
+    if not cfg.model.popularity_prior:
+        return plan_noise_multiplier(target_epsilon=target, target_delta=p.target_delta, sample_rate=sample_rate,
+                                     steps=steps, accountant=p.accountant)
+    return plan_sgd_noise_after_release(release_noise_multiplier=popularity_noise(cfg, target), target_epsilon=target,
+                                        target_delta=p.target_delta, sample_rate=sample_rate, steps=steps,
+                                        accountant=p.accountant)
+
+
+@functools.lru_cache(maxsize=64)
+def popularity_noise(cfg: Config, target: float) -> float:
+    p = cfg.privacy
+    return release_noise(target_epsilon=target, target_delta=p.target_delta, budget=p.popularity_budget,
+                         accountant=p.accountant)
+
+
+def local_release(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None
+                  ) -> tuple[np.ndarray | None, dict[str, float], str | None]:
+    """The silo's popularity counts over :func:`catalogue_ids` (once per run), noised with the
+    Gaussian mechanism and recorded in its ledger when DP is on, exact when it is off.
+    Returns (counts or None if refused, metrics, new ledger JSON)."""
+    worker, silo = _worker(cfg, silo_cfg)
+    ids = catalogue_ids(silo)
+    counts = user_normalised_counts([u.train_items for u in silo.users], {i: k for k, i in enumerate(ids)})
+    base = {"num-examples": float(len(silo.users)), "silo": float(silo.silo_id)}
+    if not cfg.privacy.enabled:
+        return counts, {**base, "status": float(STATUS_OK), **_privacy_metrics(None)}, None
+    ledger = PrivacyLedger.from_json(ledger_json) if ledger_json else new_ledger(cfg, silo_cfg, len(silo.users))
+    if ledger.popularity_released:
+        return None, {**base, "status": float(STATUS_REPLAY_REFUSED), **_privacy_metrics(ledger)}, ledger.to_json()
+    sigma = popularity_noise(cfg, ledger.target_epsilon)
+    noisy = gaussian_release(counts, noise_multiplier=sigma, rng=secure_sampling_rng())
+    ledger.record_release(sigma)
+    return noisy, {**base, "status": float(STATUS_OK), "release-noise": sigma, **_privacy_metrics(ledger)}, \
+        ledger.to_json()
 
 
 def _privacy_metrics(ledger: PrivacyLedger | None) -> dict[str, float]:
@@ -82,7 +151,7 @@ def _privacy_metrics(ledger: PrivacyLedger | None) -> dict[str, float]:
 
 
 def local_train(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray], *,
-                ledger_json: str | None, server_round: int
+                ledger_json: str | None, server_round: int, prior: np.ndarray | None = None
                 ) -> tuple[dict[str, np.ndarray] | None, dict[str, float], str | None]:
     """One round on one silo. Returns (trainable arrays or None if refused, metrics, new ledger JSON).
 
@@ -90,7 +159,7 @@ def local_train(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.nd
     nothing is trained and no arrays are returned (``status`` = budget exhausted).
     """
     worker, silo = _worker(cfg, silo_cfg)
-    worker.model.load_adapter_state({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
+    _load_global(worker, silo, global_state, prior)
     ledger = None
     if cfg.privacy.enabled:
         ledger = (PrivacyLedger.from_json(ledger_json) if ledger_json
@@ -159,11 +228,13 @@ def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[st
     return arrays, metrics, new_ledger_json, None
 
 
-def local_evaluate(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray]) -> dict[str, float]:
-    """Ranking metrics of the global model on this silo's fixed test candidates (user averages)."""
+def local_evaluate(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray], *,
+                   prior: np.ndarray | None = None) -> dict[str, float]:
+    """Ranking metrics of the global model on this silo's fixed test candidates (user averages),
+    and against the whole catalogue when ``full-catalogue`` is on."""
     worker, silo = _worker(cfg, silo_cfg)
-    worker.model.load_adapter_state({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
-    metrics = evaluate(worker.model, worker.bank, silo.eval_users, cfg, split="test")
+    _load_global(worker, silo, global_state, prior)
+    metrics = evaluate(worker.model, worker.bank, silo.eval_users, cfg, split="test", touched=silo.touched)
     out = {k: v for k, v in metrics.items() if k in EVAL_METRICS}
     return {**out, "num-examples": metrics["num-users"], "silo": float(silo.silo_id)}
 

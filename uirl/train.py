@@ -20,7 +20,7 @@ import torch
 from uirl.config import Config
 from uirl.data import UserData, sample_training_example
 from uirl.errors import UirlError
-from uirl.metrics import mean_metrics, ranking_metrics
+from uirl.metrics import full_catalogue_metrics, mean_metrics, ranking_metrics
 from uirl.model import InterestModel, TextBank
 from uirl.model.batching import Example, eval_example, user_example
 from uirl.model.interest import UserRep
@@ -91,6 +91,7 @@ def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
         optimizer = make_dp_optimizer(optimizer, noise_multiplier=ledger.noise_multiplier,
                                       clip_norm=cfg.privacy.clip_norm, expected_batch_users=expected,
                                       device=device)
+    cached = cfg.model.train_mode == "cached"
     total_loss, seen = 0.0, 0
     try:
         for _ in range(steps):
@@ -105,8 +106,12 @@ def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
             else:
                 examples = [training_example(u, cfg, rng=example_rng, all_item_ids=all_items,
                                              touched=touched[u.user_id]) for u in chosen]
-                batch = bank.make_batch(examples).to(device)
-                losses = pug.loss(batch) if pug is not None else model.batch_loss(batch)
+                batch = bank.make_batch(examples, tokens=not cached).to(device)
+                # Cached mode: the rows' vectors come from the frozen encoder's cache. They are
+                # functions of public item texts (and the user's own texts) only, so each user's loss
+                # still depends on nothing but that user's rows and the shared parameters.
+                vectors = row_vectors(model, bank, batch.row_keys).to(device) if cached else None
+                losses = pug.loss(batch, vectors) if pug is not None else model.batch_loss(batch, vectors)
                 if pug is not None:
                     pug.backward(losses, batch)
                 else:
@@ -136,18 +141,51 @@ def training_example(user: UserData, cfg: Config, *, rng: np.random.Generator, a
 
 
 @torch.no_grad()
-def encode_items(model: InterestModel, bank: TextBank, item_ids: Sequence[str], *,
+def encode_texts(model: InterestModel, bank: TextBank, item_ids: Sequence[str], *,
                  batch_size: int = 128) -> dict[str, torch.Tensor]:
-    """Item id (or user-text key) -> unit-norm vector (d,), encoded once each (evaluation only)."""
+    """Item id (or user-text key) -> the encoder's unit-norm text vector (d,), each encoded once.
+
+    With ``bank.vectors`` (cached mode: frozen encoder) vectors come from and go into that cache.
+    Texts are encoded in order of token length so a chunk carries little padding."""
     device = next(model.parameters()).device
+    cache = bank.vectors
     out: dict[str, torch.Tensor] = {}
     unique = list(dict.fromkeys(item_ids))
-    for start in range(0, len(unique), batch_size):
-        chunk = unique[start:start + batch_size]
+    todo = [k for k in unique if cache is None or k not in cache]
+    lengths = {k: bank.token_count(k) for k in todo}
+    todo.sort(key=lengths.__getitem__)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
         ids, mask = bank.tokens(chunk)
-        vecs = model.encode_texts(ids.to(device), mask.to(device))
+        vecs = model.encode_texts(ids.to(device), mask.to(device)).cpu()
         out.update(zip(chunk, vecs))
+        if cache is not None:
+            cache.update(zip(chunk, vecs))
+    model.train(was_training)
+    if cache is not None:
+        out.update((k, cache[k]) for k in unique if k not in out)
     return out
+
+
+def row_vectors(model: InterestModel, bank: TextBank, keys: Sequence[str]) -> torch.Tensor:
+    """(len(keys), d) encoder vectors of a batch's rows (no gradient: the encoder is frozen)."""
+    vectors = encode_texts(model, bank, keys)
+    return torch.stack([vectors[k] for k in keys])
+
+
+@torch.no_grad()
+def encode_items(model: InterestModel, bank: TextBank, item_ids: Sequence[str], *,
+                 batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """Item id (or user-text key) -> the model's unit-norm item vector (d,): the encoder's text
+    vector through the model's item projection (evaluation only)."""
+    device = next(model.parameters()).device
+    raw = encode_texts(model, bank, item_ids, batch_size=batch_size)
+    if not raw:
+        return {}
+    keys = list(raw)
+    return dict(zip(keys, model.item_vectors(torch.stack([raw[k] for k in keys]).to(device))))
 
 
 @torch.no_grad()
@@ -175,20 +213,57 @@ def represent_users(model: InterestModel, bank: TextBank, users: Sequence[UserDa
 def score_users(model: InterestModel, bank: TextBank, users: Sequence[UserData], *, split: str,
                 max_history: int) -> list[np.ndarray]:
     """Scores (C,) of each user's fixed ``split`` candidates (positive first)."""
-    reps, _ = represent_users(model, bank, users, split=split, max_history=max_history)
+    return [fixed for fixed, _ in score_users_full(model, bank, users, split=split, max_history=max_history)]
+
+
+def score_users_full(model: InterestModel, bank: TextBank, users: Sequence[UserData], *, split: str,
+                     max_history: int, catalogue: bool = False) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Per user: scores (C,) of the fixed ``split`` candidates (positive first) and, with
+    ``catalogue``, scores (N,) of every item of ``bank.item_ids`` (else None)."""
+    items = bank.item_ids
+    reps, vectors = represent_users(model, bank, users, split=split, max_history=max_history,
+                                    extra_keys=items if catalogue else ())
+    device = next(model.parameters()).device
+    everything = torch.stack([vectors[i] for i in items]).unsqueeze(0).to(device) if catalogue else None
+    everything_prior = bank.prior_of(items)
+    out = []
     with torch.no_grad():
-        return [model.score_rep(rep, cands)[0].cpu().numpy() for rep, cands in reps]
+        for user, (rep, cands) in zip(users, reps):
+            target = user.test_candidates if split == "test" else user.valid_candidates
+            prior = bank.prior_of(target)
+            fixed = model.score_rep(rep, cands, None if prior is None else prior[None].to(device))[0]
+            full = None
+            if everything is not None:
+                full = model.score_rep(rep, everything, None if everything_prior is None
+                                       else everything_prior[None].to(device))[0].cpu().numpy()
+            out.append((fixed.cpu().numpy(), full))
+    return out
 
 
 def evaluate(model: InterestModel, bank: TextBank, users: Sequence[UserData], cfg: Config, *,
-             split: str = "test") -> dict[str, float]:
-    """Per-user ranking metrics on the fixed candidate lists, averaged over users (+ ``num-users``)."""
+             split: str = "test", touched: dict[str, frozenset] | None = None) -> dict[str, float]:
+    """Per-user ranking metrics on the fixed candidate lists, averaged over users (+ ``num-users``).
+
+    With ``cfg.data.full_catalogue`` and ``touched`` (user id -> items the user interacted with),
+    also the full-catalogue metrics (:func:`~uirl.metrics.full_catalogue_metrics`) of the test
+    target against every catalogue item the user has not touched."""
     if split not in ("test", "valid"):
         raise ValueError(f"split must be test or valid, not {split!r}")
     model.to(resolve_device(cfg.train.device))
     users = [u for u in users if (u.train_items if split == "valid" else True)]
     if not users:
         raise UirlError("no users to evaluate")
-    per_user = [ranking_metrics(s) for s in score_users(model, bank, users, split=split,
-                                                       max_history=cfg.data.max_history)]
+    catalogue = cfg.data.full_catalogue and touched is not None and split == "test"
+    position = {item: k for k, item in enumerate(bank.item_ids)} if catalogue else {}
+    per_user = []
+    for user, (fixed, full) in zip(users, score_users_full(model, bank, users, split=split,
+                                                      max_history=cfg.data.max_history, catalogue=catalogue)):
+        metrics = ranking_metrics(fixed)
+        if full is not None and user.test_target in position:
+            seen = [position[i] for i in touched.get(user.user_id, ()) if i in position]
+            metrics.update({k: v for k, v in full_catalogue_metrics(full, position[user.test_target], seen).items()
+                            if k != "full/rank"})
+        per_user.append(metrics)
+    if catalogue and any(len(m) != len(per_user[0]) for m in per_user):
+        per_user = [{k: v for k, v in m.items() if not k.startswith("full/")} for m in per_user]
     return {**mean_metrics(per_user), "num-users": float(len(users))}

@@ -50,6 +50,23 @@ class TextBank:
         self.category = {i: category_bucket(c) for i, c in (category or {}).items()}
         self.image = {i: torch.tensor(v, dtype=torch.float32) for i, v in (image or {}).items()}
         self.image_dim = len(next(iter(self.image.values()))) if self.image else 0
+        #: item id -> popularity prior (log of the released count); empty: no prior in batches
+        self.prior: dict[str, float] = {}
+        #: row key -> encoder vector, kept only while the encoder is frozen (cached training mode);
+        #: None means every call encodes afresh (LoRA training changes the encoder every round)
+        self.vectors: dict[str, torch.Tensor] | None = None
+
+    def set_prior(self, item_ids: Sequence[str], values: Sequence[float]) -> None:
+        """Attach the popularity prior: ``values[k]`` belongs to ``item_ids[k]``."""
+        if len(item_ids) != len(values):
+            raise ValueError(f"prior has {len(values)} values for {len(item_ids)} items")
+        self.prior = {i: float(v) for i, v in zip(item_ids, values)}
+
+    def prior_of(self, item_ids: Sequence[str]) -> torch.Tensor | None:
+        """(len,) prior values of ``item_ids`` (0 for an item without one), or None without a prior."""
+        if not self.prior:
+            return None
+        return torch.tensor([self.prior.get(i, 0.0) for i in item_ids], dtype=torch.float32)
 
     @property
     def item_ids(self) -> list[str]:
@@ -63,6 +80,14 @@ class TextBank:
             self._tokens[key] = self._tokenizer(key[len(TEXT_KEY):], truncation=True,
                                                 max_length=self._max_tokens)["input_ids"]
         return self._tokens[key]
+
+    def token_ids(self, key: str) -> list[int]:
+        """One row's token ids after truncation."""
+        return list(self._row(key))
+
+    def token_count(self, key: str) -> int:
+        """Tokens of one row's text after truncation (for length bucketing)."""
+        return len(self._row(key))
 
     def tokens(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Item ids (or ``TEXT_KEY + text``) -> right-padded (N, T) input ids and 0/1 attention mask."""
@@ -133,6 +158,8 @@ class TextBank:
             extra["image_mask"] = torch.tensor([[i in self.image for i in e.history] + [False] * (max_hist - len(e.history))
                                                 for e in examples], dtype=torch.bool)
         extra["noise_seed"] = torch.tensor([e.seed for e in examples], dtype=torch.long)
+        if self.prior:
+            extra["candidate_prior"] = torch.stack([self.prior_of(e.candidates) for e in examples])
         input_ids, mask = self.tokens(order) if tokens else (torch.zeros(0, 0, dtype=torch.long),) * 2
         return UserBatch(input_ids=input_ids, attention_mask=mask,
                          row_user=torch.tensor(row_user, dtype=torch.long),

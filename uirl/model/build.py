@@ -23,7 +23,10 @@ def build_model(cfg: Config) -> tuple[InterestModel, Encoder]:
     encoder = load_encoder(cfg.model, seed=cfg.train.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + 1)
-        model = InterestModel(encoder, temperature=cfg.model.temperature, interest=cfg.interest)
+        model = InterestModel(encoder, temperature=cfg.model.temperature, interest=cfg.interest,
+                              user_proj_rank=cfg.model.user_proj_rank, item_proj_rank=cfg.model.item_proj_rank,
+                              prior_weight=cfg.model.prior_weight if cfg.model.popularity_prior else None,
+                              train_encoder=cfg.model.train_mode == "lora")
     return model, encoder
 
 

@@ -44,7 +44,8 @@ class UserBatch:
     category (-1 none), ``text_index``/``text_mask`` (B, X) rows of the user's own texts,
     ``social_index``/``social_mask`` (B, S) rows of neighbours' items, ``history_image``/
     ``image_mask`` (B, H, F)/(B, H) image features of the history items, ``noise_seed`` (B,)
-    per-user seeds for the VAE's sampling. ``row_keys`` names each row's text (for cached vectors).
+    per-user seeds for the VAE's sampling, ``candidate_prior`` (B, C) the popularity prior of each
+    candidate. ``row_keys`` names each row's text (for cached vectors).
     """
 
     input_ids: torch.Tensor
@@ -62,6 +63,7 @@ class UserBatch:
     history_image: torch.Tensor | None = None
     image_mask: torch.Tensor | None = None
     noise_seed: torch.Tensor | None = None
+    candidate_prior: torch.Tensor | None = None
     row_keys: list[str] = field(default_factory=list)
 
     @property
@@ -89,8 +91,26 @@ class UserRep:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class LowRankResidual(nn.Module):
+    """x -> up(down(x)), rank r: a residual that starts at exactly zero (``up`` is zero) and costs
+    2 r d numbers instead of d^2 -- what travels and what DP noise is added to shrink with it."""
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim)
+        nn.init.normal_(self.down.weight, std=dim ** -0.5)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
 class InterestModel(nn.Module):
-    def __init__(self, encoder: Encoder, *, temperature: float, interest: InterestConfig | None = None) -> None:
+    def __init__(self, encoder: Encoder, *, temperature: float, interest: InterestConfig | None = None,
+                 user_proj_rank: int = 0, item_proj_rank: int = 0, prior_weight: float | None = None,
+                 train_encoder: bool = True) -> None:
         super().__init__()
         self.encoder = encoder.model
         self.pooling = encoder.pooling
@@ -100,9 +120,12 @@ class InterestModel(nn.Module):
         self.history_pool = AttentionPooling(dim)
         # Residual user projection, zero-initialised: lets the user side learn which topics
         # co-occur (a preference, not a text similarity) without changing the zero-shot start.
-        self.user_proj = nn.Linear(dim, dim)
-        nn.init.zeros_(self.user_proj.weight)
-        nn.init.zeros_(self.user_proj.bias)
+        if user_proj_rank:
+            self.user_proj = LowRankResidual(dim, user_proj_rank)
+        else:
+            self.user_proj = nn.Linear(dim, dim)
+            nn.init.zeros_(self.user_proj.weight)
+            nn.init.zeros_(self.user_proj.bias)
         # Parts are created after the plain heads, so the plain heads' initial values never change.
         p = self.parts
         self.levels = LevelHeads(dim, p.level_names, p.short_window) if p.level_names else None
@@ -112,6 +135,18 @@ class InterestModel(nn.Module):
         self.facets = FacetPooling(dim, p.facets, p.facet_score) if p.facets else None
         self.facet_heads = FacetHeads(dim) if p.facet_heads else None
         self.tasks = TaskHeads(dim, len(BEHAVIOR_LABELS)) if p.task_heads else None
+        # Item side: a residual projection of every item vector (shared by all users' rows), and the
+        # learned weight of the released popularity prior (a 1x1 linear map, so Opacus sees a layer).
+        self.item_proj = LowRankResidual(dim, item_proj_rank) if item_proj_rank else None
+        self.prior_weight = None
+        if prior_weight is not None:
+            self.prior_weight = nn.Linear(1, 1, bias=False)
+            nn.init.constant_(self.prior_weight.weight, prior_weight)
+        if not train_encoder:
+            # Cached-vector training: the encoder (LoRA included) stays as released, so item vectors
+            # can be computed once; only the heads above learn and travel.
+            for p_ in self.encoder.parameters():
+                p_.requires_grad_(False)
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, T) tokens -> (N, d) unit-norm text vectors."""
@@ -124,17 +159,29 @@ class InterestModel(nn.Module):
         pooled = self.history_pool(history, mask)
         return F.normalize(pooled + self.user_proj(pooled) + context, dim=-1)
 
+    def item_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Encoder text vectors (..., d) -> the item representation the model scores (unit norm):
+        the vectors themselves, or with the residual item projection when it is on."""
+        if self.item_proj is None:
+            return vectors
+        return F.normalize(vectors + self.item_proj(vectors), dim=-1)
+
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """(B, d) users x (B, C, d) items -> (B, C) logits."""
         return torch.einsum("bd,bcd->bc", users, F.normalize(items, dim=-1)) / self.temperature
 
-    def score_rep(self, rep: UserRep, items: torch.Tensor) -> torch.Tensor:
+    def score_rep(self, rep: UserRep, items: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """Candidate logits (B, C) from a :class:`UserRep`: the facets (with the top level as one
-        of them) when facets are on, else the top-level interest."""
+        of them) when facets are on, else the top-level interest; plus ``w * prior`` (B, C) when
+        the model has a popularity prior (a missing ``prior`` counts as zero)."""
         if rep.facets is None:
-            return self.score(rep.interest, items)
-        every = torch.cat([rep.interest.unsqueeze(1), rep.facets], dim=1)
-        return self.facets.score(every, items, self.temperature)
+            logits = self.score(rep.interest, items)
+        else:
+            every = torch.cat([rep.interest.unsqueeze(1), rep.facets], dim=1)
+            logits = self.facets.score(every, items, self.temperature)
+        if self.prior_weight is not None and prior is not None:
+            logits = logits + self.prior_weight(prior.to(logits.dtype).unsqueeze(-1)).squeeze(-1)
+        return logits
 
     def represent(self, batch: UserBatch, events: torch.Tensor, *, sample: bool = False) -> UserRep:
         """Build each user's interest from ``events`` (N, d): the batch's row vectors (fresh from
@@ -182,13 +229,18 @@ class InterestModel(nn.Module):
             rep.facets, rep.facet_weights = self.facets(history, hmask)
         return rep
 
-    def forward(self, batch: UserBatch) -> dict[str, torch.Tensor]:
+    def forward(self, batch: UserBatch, vectors: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-user losses, name -> (B,): ``rank`` (softmax cross-entropy of the positive among the
-        user's own candidates), the enabled parts' terms, and their sum ``loss``."""
-        events = self.encode_texts(batch.input_ids, batch.attention_mask)
+        user's own candidates), the enabled parts' terms, and their sum ``loss``.
+
+        ``vectors`` (N, d): the rows' text vectors when they are cached (frozen encoder); else the
+        rows' tokens are encoded here. Either way each row belongs to one user (``row_user``)."""
+        if vectors is None:
+            vectors = self.encode_texts(batch.input_ids, batch.attention_mask)
+        events = self.item_vectors(vectors)
         rep = self.represent(batch, events, sample=self.training)
         candidates = events[batch.candidate_index]
-        logits = self.score_rep(rep, candidates)
+        logits = self.score_rep(rep, candidates, batch.candidate_prior)
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         losses = {"rank": F.cross_entropy(logits, target, reduction="none"), **rep.aux}
         p = self.parts
@@ -209,9 +261,9 @@ class InterestModel(nn.Module):
         losses["loss"] = torch.stack(list(losses.values())).sum(0)
         return losses
 
-    def batch_loss(self, batch: UserBatch) -> torch.Tensor:
+    def batch_loss(self, batch: UserBatch, vectors: torch.Tensor | None = None) -> torch.Tensor:
         """The per-user total loss (B,)."""
-        return self(batch)["loss"]
+        return self(batch, vectors)["loss"]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The arrays that travel: trainable adapter and head parameters, nothing frozen."""

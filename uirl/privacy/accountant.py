@@ -57,6 +57,7 @@ class PrivacyLedger:
     target_delta: float
     history: list[list[float]] = field(default_factory=list)
     rounds: int = 0  # rounds this silo has trained in
+    popularity_released: bool = False  # the silo's one popularity release is in ``history``
 
     def __post_init__(self) -> None:
         if self.accountant not in ("rdp", "prv"):
@@ -99,6 +100,16 @@ class PrivacyLedger:
         or once per round with that round's number of steps (identical result)."""
         acc = self._accountant(steps)
         self.history = [[float(s), float(q), int(n)] for s, q, n in acc.history]
+
+    def record_release(self, noise_multiplier: float) -> None:
+        """Add the popularity release: one Gaussian mechanism of L2 sensitivity 1 (= one step at
+        sample rate 1 with this noise multiplier; see :mod:`uirl.privacy.popularity`). Once per run."""
+        if self.popularity_released:
+            raise PrivacyError("the popularity counts of this silo were already released in this run")
+        if not noise_multiplier > 0:
+            raise PrivacyError(f"popularity release noise multiplier {noise_multiplier} must be > 0")
+        self.history = [[float(noise_multiplier), 1.0, 1]] + [list(e) for e in self.history]
+        self.popularity_released = True
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -39,8 +39,9 @@ class PerUserGradients:
             losses.sum().backward()
         self.regroup(batch)
 
-    def loss(self, batch: UserBatch) -> torch.Tensor:
-        return self.gsm(batch)["loss"]
+    def loss(self, batch: UserBatch, vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-user losses (B,); ``vectors``: the rows' cached text vectors (frozen encoder)."""
+        return self.gsm(batch, vectors)["loss"]
 
     def regroup(self, batch: UserBatch) -> None:
         num_users, num_rows = batch.num_users, int(batch.row_user.shape[0])
