@@ -1,9 +1,11 @@
 """Starting and stopping Flower's processes safely: environment, free ports, run status, PIDs.
 
-Shared by :mod:`simulation.flower` (a local simulation) and :mod:`simulation.deploy` (a SuperLink
-and SuperNodes as real processes). Everything started here is stopped by its PID, together with
-the processes it started (found through ``/proc``) -- never by a name pattern that could hit
-someone else's processes.
+Shared by :mod:`uirl.launch.simulation` (``uirl run``: a local simulation) and
+:mod:`uirl.launch.deployment` (``uirl deploy``: a SuperLink and SuperNodes as real processes).
+Flower is only ever started as a subprocess (its ``flwr``, ``flower-superlink`` and
+``flower-supernode`` executables): the library never imports it. Everything started here is
+stopped by its PID, together with the processes it started (found through ``/proc``) -- never by
+a name pattern that could hit someone else's processes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from uirl.errors import UirlError
+
+#: The project directory: the Flower app (``pyproject.toml`` with ``[tool.flwr.app]``) when uirl is
+#: installed from its source tree (``pip install -e .``).
+ROOT = Path(__file__).resolve().parents[2]
 
 FLOWER_ENV = {
     # Without this, every run `uv sync`s the project's dependencies into a new environment.
@@ -34,6 +40,23 @@ FLOWER_ENV = {
     "PYTHONWARNINGS": "ignore::FutureWarning",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
+
+
+def app_dir(path: str | Path | None = None) -> Path:
+    """The Flower app to run: ``path``, or the project uirl was installed from. Raises
+    :class:`~uirl.errors.UirlError` unless it holds a ``pyproject.toml`` with ``[tool.flwr.app]``."""
+    import tomllib
+
+    app = Path(path).resolve() if path is not None else ROOT
+    try:
+        project = tomllib.loads((app / "pyproject.toml").read_text(encoding="utf-8"))
+        found = "app" in project["tool"]["flwr"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        found = False
+    if not found:
+        raise UirlError(f"{app}: not a Flower app (no pyproject.toml with [tool.flwr.app]); "
+                        "pass --app with the uirl project directory")
+    return app
 
 
 def free_port() -> int:
@@ -90,6 +113,23 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def own_processes(name: str, argument: str) -> list[int]:
+    """PIDs of this user's processes whose command line has a word containing ``name`` and the exact
+    word ``argument`` (e.g. the port a wrapper chose): how a wrapper finds the detached process it
+    had ``flwr run`` start, without touching anyone else's."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if proc.stat().st_uid != os.getuid():
+                continue
+            words = [w.decode(errors="replace") for w in (proc / "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if any(name in w for w in words) and argument in words:
+            pids.append(int(proc.name))
+    return pids
 
 
 def _signal_all(pids: list[int], sig: int) -> None:
