@@ -29,7 +29,7 @@ from server.strategy import ValidatingFedAvg, with_central_dp
 from uirl.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from uirl.config import Config, from_run_config, to_run_config
 from uirl.model.build import build_model, save_adapter
-from uirl.rundir import RunDirectory
+from uirl.rundir import RunDirectory, announce
 from uirl.tables import print_table, round_line
 
 app = ServerApp()
@@ -114,6 +114,7 @@ def main(grid: Grid, context: Context) -> None:
     model, encoder = build_model(cfg)
     initial = {name: t.cpu().numpy() for name, t in model.adapter_state().items()}
     run, done, state = _start(cfg, initial)
+    announce(run.path, run_id=context.run_id)
     print(f"uirl: run directory {run.path}", flush=True)
     recorder = _Recorder(run)
     strategy = build_strategy(cfg, set(model.trainable_state()), recorder)

@@ -133,6 +133,7 @@ def test_tls_auth_deployment_survives_a_crash_resumes_and_exports(tmp_path, tiny
         status, text = dep.run_app(run_config + f" resume='{run}'", timeout=600,
                                    log=open(dep.workdir / "logs" / "flwr-run-2.log", "w"))
         assert status == "finished:completed", (status, text[-3000:], dep.procs.log("superlink")[-3000:])
+        assert dep.run_dir == run and "\x1b[" not in (run / "flower.log").read_text()  # named by the ServerApp
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]  # no round lost, none counted twice

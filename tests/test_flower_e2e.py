@@ -1,11 +1,13 @@
-"""One real `flwr run .`: local SuperLink, 3 simulated silos, tiny model, 2 rounds."""
+"""One real `flwr run .` through ``uirl run``'s launcher: local SuperLink, 3 simulated silos, tiny
+model, 2 rounds."""
 
 from __future__ import annotations
 
 import io
 import json
 
-from simulation import flower
+from uirl.launch.output import ConciseLog
+from uirl.launch.simulation import run_simulation
 
 
 def _run(tmp_path, model_path, extra: str = ""):
@@ -13,15 +15,20 @@ def _run(tmp_path, model_path, extra: str = ""):
     run_config = (f"model-name='{model_path}' num-server-rounds=2 synthetic-users=90 synthetic-items=300 "
                   f"max-history=4 eval-negatives=9 batch-users=8 lora-r=4 max-tokens=16 "
                   f"run-dir='{tmp_path / 'runs'}' run-name='e2e' {extra}")
-    status, text = flower.run(supernodes=3, run_config=run_config, cpus_per_client=1,
-                              flwr_home=tmp_path / "flwr-home", log=log)
-    return status, text
+    result = run_simulation(supernodes=3, run_config=run_config, cpus_per_client=1,
+                            flwr_home=tmp_path / "flwr-home", log=ConciseLog(log))
+    return result, log.getvalue()
 
 
 def test_flwr_run_completes_and_writes_the_run_directory(tmp_path, tiny_bert):
-    status, text = _run(tmp_path, tiny_bert)
-    assert status == "finished:completed", text[-3000:]
+    result, shown = _run(tmp_path, tiny_bert)
+    assert result.status == "finished:completed", result.text[-3000:]
     run = tmp_path / "runs" / "e2e"
+    assert result.run_dir == run  # named by the ServerApp in its run-info file, not parsed from output
+    log = (run / "flower.log").read_text()
+    assert "uirl: run directory" in log and "\x1b[" not in log  # the full log, without colour codes
+    assert "default simulated SuperNodes changed" in log and "default simulated SuperNodes" not in shown
+    assert "round=2" in shown and "\x1b[" not in shown
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
@@ -45,6 +52,7 @@ def test_flwr_run_completes_and_writes_the_run_directory(tmp_path, tiny_bert):
 
 def test_a_failing_server_app_is_reported_as_failed(tmp_path, tiny_bert):
     # A run config the ServerApp rejects (lr must be > 0): `flwr run --stream` itself exits 0.
-    status, text = _run(tmp_path, tiny_bert, extra="lr=-1.0")
+    result, _ = _run(tmp_path, tiny_bert, extra="lr=-1.0")
+    status, text = result.status, result.text
     assert status.startswith("finished:") and status != "finished:completed", (status, text[-2000:])
-    assert "lr" in text
+    assert "lr" in text and result.run_dir is None

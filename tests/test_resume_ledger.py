@@ -11,7 +11,7 @@ import torch
 
 from helpers import tiny_config
 from uirl.checkpoint import CheckpointError, complete_rounds, load_checkpoint, resolve_resume, save_checkpoint
-from uirl.config import SiloConfig, from_run_config, silo_from_node_config
+from uirl.config import SiloConfig, from_run_config, silo_from_node_config, to_run_config
 from uirl.errors import ConfigError
 from uirl.federated import STATUS_LEDGER_ERROR, STATUS_OK, STATUS_REPLAY_REFUSED, local_train_durable
 from uirl.privacy import PrivacyError
@@ -164,7 +164,7 @@ def test_export_loads_with_peft_and_scores_like_the_trained_model(tmp_path, tiny
     run.record_round({"round": 0, "auc": 0.5})
     run.record_round({"round": 1, "auc": 0.6})
     run.record_privacy(1, "0", {"epsilon": 1.25, "delta": 1e-5, "target-epsilon": 8.0, "rounds-trained": 1})
-    save_adapter(model, run.path / "final", meta={"base-model": tiny_bert, "run-config": {"dp": True}})
+    save_adapter(model, run.path / "final", meta={"base-model": tiny_bert, "run-config": to_run_config(cfg)})
 
     assert main(["export", str(run.path), str(tmp_path / "out")]) == 0
     assert main(["export", str(run.path), str(tmp_path / "out")]) == 2  # never overwrites

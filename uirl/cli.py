@@ -16,6 +16,8 @@ from uirl.errors import UirlError
 
 #: Modules under ``uirl.commands`` whose ``register`` adds a subcommand, in help order.
 COMMANDS = (
+    "run",
+    "deploy",
     "data",
     "show",
     "embed",

@@ -5,7 +5,7 @@
 writes ``README.md``: base model, data, each silo's (epsilon, delta) and what they guarantee,
 rounds, final metrics. ``out`` is assembled in a temporary directory and renamed into place, so
 it is either complete or absent. :func:`load_exported` rebuilds the interest model from such a
-directory with ``PeftModel.from_pretrained``.
+directory (the same loader as ``uirl embed``: :func:`uirl.model.build.load_trained`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +34,46 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _guarantee(cfg: dict[str, Any], ledger: dict[str, dict[str, Any]]) -> str:
-    if not cfg.get("dp", True):
-        return ("**None.** This run trained without differential privacy (`dp = false`): the adapter may "
-                "memorise individual users' behaviour. Do not publish it outside the silos.")
-    return ("**User-level (epsilon, delta)-differential privacy per silo.** Each silo trained with DP-SGD over "
-            "its own users (Poisson sampling of users, per-user gradient clipping to `clip-norm`, Gaussian noise) "
-            "and accounted every step of every round. For each silo, everything it released -- and hence this "
-            "adapter -- is (epsilon, delta)-DP with respect to adding or removing one of its users together with "
-            "all of that user's events, with the silo's epsilon and delta in the table below. The server and "
-            "everyone who obtains this adapter are covered by that guarantee.")
+_USER_LEVEL = (
+    "**User-level (epsilon, delta)-differential privacy per silo.** Each silo trained with DP-SGD over "
+    "its own users (Poisson sampling of users, per-user gradient clipping to `clip-norm`, Gaussian noise) "
+    "and accounted every step of every round. For each silo, everything it released -- and hence this "
+    "adapter -- is (epsilon, delta)-DP with respect to adding or removing one of its users together with "
+    "all of that user's events, with the silo's epsilon and delta in the table below. The server and "
+    "everyone who obtains this adapter are covered by that guarantee.")
+
+
+def _central(cfg: dict[str, Any], rounds: int) -> str:
+    """The client-level guarantee of a ``central-dp = "fixed"`` run after ``rounds`` rounds."""
+    from uirl.config import from_run_config
+    from uirl.engine import central_noise
+    from uirl.privacy.central import central_epsilon
+
+    config = from_run_config(cfg)
+    fed = config.federation
+    sigma = central_noise(config)
+    eps = central_epsilon(noise_multiplier=sigma, sample_rate=fed.fraction_train, rounds=rounds,
+                          delta=config.privacy.target_delta)
+    return ("**Client-level (epsilon, delta)-differential privacy (central DP, `central-dp = \"fixed\"`).** "
+            f"The server clipped each silo's update to L2 norm {fed.central_clip:g} and added Gaussian noise "
+            f"(noise multiplier {sigma:.4g}) to their mean every round: after {rounds} rounds this adapter is "
+            f"(epsilon = {eps:.4f}, delta = {config.privacy.target_delta:g})-DP with respect to adding or "
+            "removing one whole silo (all of its users), by the RDP accountant with sample rate "
+            f"`fraction-train` = {fed.fraction_train:g} (the amplification assumes every silo trains every "
+            "round or Poisson sampling of silos). The silos must trust the server to add the noise: the "
+            "server itself sees each silo's update in the clear.")
+
+
+def _guarantee(cfg: dict[str, Any], rounds: int) -> str:
+    parts = []
+    if cfg.get("dp", True):
+        parts.append(_USER_LEVEL)
+    if cfg.get("central-dp", "") == "fixed":
+        parts.append(_central(cfg, rounds))
+    if not parts:
+        return ("**None.** This run trained without differential privacy (`dp = false`, no `central-dp`): the "
+                "adapter may memorise individual users' behaviour. Do not publish it outside the silos.")
+    return "\n\n".join(parts)
 
 
 def model_card(run_dir: Path, meta: dict[str, Any]) -> str:
@@ -54,6 +83,11 @@ def model_card(run_dir: Path, meta: dict[str, Any]) -> str:
     ledger_path = run_dir / "privacy_ledger.json"
     ledger = json.loads(ledger_path.read_text(encoding="utf-8")) if ledger_path.is_file() else {}
     last = rounds[-1] if rounds else {}
+    try:
+        adapter = json.loads((run_dir / "final" / "adapter_config.json").read_text(encoding="utf-8"))
+        base = adapter["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError):
+        base = meta.get("base-model", cfg.get("model-name", "?"))
     trained = max((int(r["round"]) for r in rounds), default=0)
     lines = [
         f"# uirl user-interest adapter ({run_dir.name})", "",
@@ -65,7 +99,9 @@ def model_card(run_dir: Path, meta: dict[str, Any]) -> str:
         "```", "",
         "or the adapter alone with `PeftModel.from_pretrained(AutoModel.from_pretrained(base), \"<this directory>\")`.",
         "", "## Base model", "",
-        f"- encoder: `{meta.get('base-model', cfg.get('model-name', '?'))}` (frozen), pooling `{meta.get('pooling')}`",
+        f"- encoder: `{base}` (frozen), pooling `{meta.get('pooling')}`"
+        + (f"; offline, the pip package `{meta['base-model-package']}` ships these weights (uirl's loaders "
+           "use it when it is installed)" if meta.get("base-model-package") else ""),
         f"- LoRA rank {cfg.get('lora-r')}, alpha {cfg.get('lora-alpha')}, targets `{cfg.get('lora-targets')}`, "
         f"FFA-LoRA (A frozen): {cfg.get('ffa-lora')}; score = cosine / {meta.get('temperature')}",
         "", "## Data", "",
@@ -74,11 +110,12 @@ def model_card(run_dir: Path, meta: dict[str, Any]) -> str:
            if cfg.get("dataset") == "synthetic" else ""),
         f"- silos: {len(ledger) or '?'}; per user: last positive = test target, history of up to "
         f"{cfg.get('max-history')} earlier events; {cfg.get('eval-negatives')} sampled negatives per test target",
-        "", "## Privacy", "", _guarantee(cfg, ledger), "",
-        "| silo | epsilon | delta | target epsilon | noise multiplier | sample rate | rounds trained |",
-        "|---|---|---|---|---|---|---|",
+        "", "## Privacy", "", _guarantee(cfg, trained), "",
     ]
-    for silo, e in sorted(ledger.items(), key=lambda kv: kv[0]):
+    if cfg.get("dp", True):
+        lines += ["| silo | epsilon | delta | target epsilon | noise multiplier | sample rate | rounds trained |",
+                  "|---|---|---|---|---|---|---|"]
+    for silo, e in sorted(ledger.items(), key=lambda kv: kv[0]) if cfg.get("dp", True) else ():
         eps = e.get("epsilon")
         lines.append(f"| {silo} | {eps:.4f} | {e.get('delta')} | {e.get('target-epsilon')} | "
                      f"{e.get('noise-multiplier', 0):.4f} | {e.get('sample-rate', 0):.4f} | "
@@ -124,31 +161,11 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
 
 
 def load_exported(directory: str | Path, *, base_model: str | None = None):
-    """The interest model of an export (or a run's ``final/``): the base encoder, the adapter via
-    ``PeftModel.from_pretrained``, and the interest head. Returns (InterestModel, tokenizer)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModel, AutoTokenizer
+    """The interest model of an export (or a run's ``final/``), with every interest-model part the
+    run trained (levels, facets, views, heads, VAE): :func:`uirl.model.build.load_trained`, in eval
+    mode. ``base_model`` overrides where the base encoder is. Returns (InterestModel, tokenizer)."""
+    from uirl.model.build import load_trained
 
-    from uirl.model.build import load_head
-    from uirl.model.encoder import Encoder, resolve_model_path
-    from uirl.model.interest import InterestModel
-
-    directory = Path(directory)
-    meta = json.loads((directory / "uirl_model.json").read_text(encoding="utf-8"))
-    path = resolve_model_path(base_model or meta["base-model"])
-    base = AutoModel.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    tokenizer.padding_side = "right"
-    with warnings.catch_warnings():
-        # peft probes a transformers attribute deprecated in 5.x; nothing for a user to act on.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = PeftModel.from_pretrained(base, str(directory))
-    encoder = Encoder(model=peft_model, tokenizer=tokenizer, pooling=meta["pooling"],
-                      hidden_size=int(base.config.hidden_size), model_name=meta["base-model"])
-    model = InterestModel(encoder, temperature=float(meta["temperature"]))
-    load_head(model, directory)
+    model, encoder, _ = load_trained(directory, model_name=base_model)
     model.eval()
-    return model, tokenizer
+    return model, encoder.tokenizer

@@ -6,6 +6,7 @@
 - ``privacy_ledger.json``     the latest privacy state of every silo (what an auditor checks)
 - ``checkpoints/round-<r>/``  the last rounds' checkpoints (see :mod:`uirl.checkpoint`)
 - ``final/``                  the final global adapter in PEFT format + the interest head
+- ``flower.log``              Flower's output of the run (written by ``uirl run`` / ``uirl deploy``)
 
 Every file is written atomically (temporary file + rename) or appended line by line, so a crash
 never leaves a half-written file that looks complete.
@@ -36,6 +37,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: Environment variable naming a file in which the ServerApp records the run directory it writes
+#: (set by ``uirl run`` / ``uirl deploy``, which read it back rather than parse printed output).
+RUN_INFO_ENV = "UIRL_RUN_INFO"
+
+
+def announce(path: Path, *, run_id: int | None = None) -> None:
+    """Record ``path`` (absolute) as this run's directory in the file named by ``$UIRL_RUN_INFO``,
+    if that is set: ``{"run-dir": ..., "run-id": ...}``."""
+    target = os.environ.get(RUN_INFO_ENV)
+    if target:
+        atomic_write_text(Path(target), json.dumps({"run-dir": str(Path(path).resolve()), "run-id": run_id}) + "\n")
 
 
 def new_run_name() -> str:

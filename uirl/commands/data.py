@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -28,6 +29,16 @@ def _print_counts(manifest: dict, where: str) -> None:
           f"{c['items']:,} items, {c['events']:,} events ({behaviors})")
 
 
+def _uirl_executable() -> str:
+    """How to call ``uirl`` from here: this environment's executable, relative when below the
+    working directory (``.venv/bin/uirl``)."""
+    exe = Path(sys.executable).parent / "uirl"
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+
+
 def _convert(args: argparse.Namespace) -> int:
     from uirl.data.convert import convert
 
@@ -36,7 +47,7 @@ def _convert(args: argparse.Namespace) -> int:
     manifest = convert(args.format, args.input_path, args.output_dir, _options(args),
                        say=lambda line: print(line, flush=True))
     _print_counts(manifest, args.output_dir)
-    print(f"train on it: python -m simulation.flower --run-config \"dataset='{Path(args.output_dir).resolve()}'\"")
+    print(f"train on it: {_uirl_executable()} run --run-config \"dataset='{Path(args.output_dir).resolve()}'\"")
     return 0
 
 

@@ -19,16 +19,17 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from uirl.config import Config, SiloConfig
-from uirl.data.silo import Silo, load_silo
 from uirl.errors import UirlError
-from uirl.federated import silo_bank
-from uirl.model import InterestModel, TextBank
-from uirl.model.build import load_trained
-from uirl.model.interest import UserRep
-from uirl.train import represent_users, resolve_device
+
+if TYPE_CHECKING:  # torch, transformers and peft load only when the command runs (fast --help)
+    from uirl.config import Config
+    from uirl.data.silo import Silo
+    from uirl.model import InterestModel, TextBank
+    from uirl.model.interest import UserRep
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace) -> tuple[InterestModel, Config, list[tuple[Silo, TextBank]]]:
     """The trained model (on ``args.device``, eval mode) and the silos it should read, each with
     its text bank."""
+    from uirl.config import SiloConfig
+    from uirl.data.silo import load_silo
+    from uirl.federated import silo_bank
+    from uirl.model.build import load_trained
+    from uirl.train import resolve_device
+
     if args.num_silos < 1:
         raise UirlError(f"--num-silos must be >= 1, not {args.num_silos}")
     ids = args.silo if args.silo is not None else list(range(args.num_silos))
@@ -102,6 +109,8 @@ def write_vectors(path: Path, user_ids: Sequence[str], rows: list[dict[str, np.n
 
 
 def _embed(args: argparse.Namespace) -> int:
+    from uirl.train import represent_users
+
     out = Path(args.out)
     if out.suffix not in (".npz", ".parquet"):
         raise UirlError(f"--out {out}: expected a .npz or .parquet file name")

@@ -15,14 +15,15 @@ import csv
 import json
 from pathlib import Path
 
-import torch
-
 from uirl.commands.embed import add_model_arguments, atomic_output, load
 from uirl.errors import UirlError
-from uirl.train import represent_users
 
 
 def _recommend(args: argparse.Namespace) -> int:
+    import torch
+
+    from uirl.train import represent_users
+
     out = Path(args.out)
     if out.suffix not in (".csv", ".jsonl"):
         raise UirlError(f"--out {out}: expected a .csv or .jsonl file name")

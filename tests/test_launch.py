@@ -1,0 +1,71 @@
+"""The launchers' pieces that need no Flower process: what the console shows, the status line's
+phase from the run directory's files, the run-info file, and finding only our own processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from uirl.errors import UirlError
+from uirl.launch.output import ConciseLog, phase, read_run_info, strip_ansi
+from uirl.launch.processes import app_dir, own_processes, stop_tree
+from uirl.rundir import RUN_INFO_ENV, RunDirectory, announce
+
+
+def test_the_concise_log_keeps_what_a_user_reads():
+    out = io.StringIO()
+    log = ConciseLog(out)
+    for line in ["\x1b[92mINFO \x1b[0m:      Starting round 1\n",
+                 "11/30/2026 10:00:01:INFO:flwr:chatter\n",
+                 "\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.\n",
+                 "\x1b[93mWARNING \x1b[0m:   a real warning\n",
+                 "uirl: run directory runs/x\n",
+                 "round=1  loss=1.2\n"]:
+        log.write(line)
+    assert out.getvalue() == "WARNING :   a real warning\nuirl: run directory runs/x\nround=1  loss=1.2\n"
+    verbose = io.StringIO()
+    ConciseLog(verbose, verbose=True).write("\x1b[92mINFO \x1b[0m: x\n")
+    assert verbose.getvalue() == "INFO : x\n"  # not a terminal: no colour codes
+    assert strip_ansi("\x1b[1;31merror\x1b[0m") == "error"
+
+
+def test_the_status_line_follows_the_run_directory(tmp_path, monkeypatch):
+    assert phase(None, silos=3).startswith("starting")
+    run = RunDirectory.create(tmp_path, "r", {"run-config": {"num-server-rounds": 2}})
+    assert phase(run.path, silos=3) == "round 0: 3 silos evaluate the pretrained encoder"
+    run.record_round({"round": 0})
+    assert phase(run.path, silos=3) == "round 1 of 2: 3 silos train locally"
+    run.record_privacy(1, "0", {"epsilon": 1.0})
+    assert phase(run.path, silos=3) == "round 1 of 2: silos evaluate the new global model"
+    run.record_round({"round": 1})
+    run.record_round({"round": 2})
+    assert phase(run.path, silos=3) == "writing the final adapter"
+
+    info = tmp_path / "info" / "run-info.json"
+    announce(run.path)  # no $UIRL_RUN_INFO: nothing written
+    assert read_run_info(info) is None
+    monkeypatch.setenv(RUN_INFO_ENV, str(info))
+    announce(run.path, run_id=7)
+    assert read_run_info(info) == run.path.resolve() and json.loads(info.read_text())["run-id"] == 7
+
+
+def test_own_processes_finds_ours_by_argument_and_stop_tree_stops_them():
+    marker = f"uirl-test-marker-{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    try:
+        assert own_processes("python", marker) == [proc.pid]
+        assert own_processes("python", marker + "-other") == []
+    finally:
+        stop_tree(proc.pid, grace=2)
+    assert proc.wait(timeout=10) != 0
+
+
+def test_the_app_directory_must_be_a_flower_app(tmp_path):
+    assert (app_dir() / "pyproject.toml").is_file()
+    with pytest.raises(UirlError, match="--app"):
+        app_dir(tmp_path)

@@ -1,0 +1,61 @@
+"""``uirl deploy``: SuperLink + one SuperNode per silo as processes on 127.0.0.1 (TLS, SuperNode
+authentication), then the app run on them. See :mod:`uirl.launch.deployment`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from uirl.errors import UirlError
+
+from uirl.commands.run import add_common_arguments
+
+_DESCRIPTION = """Deploy on this machine: make credentials, start flower-superlink (TLS, SuperNode
+authentication) and one flower-supernode per silo on 127.0.0.1, register the silos' keys, run the
+app, check its status, and stop every process it started (by PID), also on Ctrl-C or an error.
+Exit status 0 only if Flower reports the run as finished:completed."""
+
+
+def _stop_on_sigterm(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from uirl.launch.deployment import Deployment
+    from uirl.launch.output import ConciseLog
+
+    if args.silos < 1:
+        raise UirlError("--silos must be >= 1")
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        with Deployment(args.workdir, silos=args.silos, data_root=args.data_root, app=args.app) as deployment:
+            deployment.up(unregistered=args.unregistered)
+            print(f"uirl: SuperLink on 127.0.0.1:{deployment.port} (TLS, SuperNode authentication), "
+                  f"{args.silos} SuperNodes; logs in {deployment.procs.log_dir}", flush=True)
+            status, _ = deployment.run_app(args.run_config, log=ConciseLog(verbose=args.verbose))
+            if deployment.run_dir is not None:
+                print(f"uirl: run directory {deployment.run_dir} (Flower's log: flower.log)", flush=True)
+    except KeyboardInterrupt:
+        print("uirl: interrupted; every process started was stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+        print(f"uirl: deployment failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"uirl: flower run status: {status}", flush=True)
+    return 0 if status == "finished:completed" else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    deploy = sub.add_parser("deploy", help="deploy on this machine: SuperLink + one SuperNode per silo (TLS)",
+                            description=_DESCRIPTION)
+    deploy.add_argument("--silos", type=int, default=3, help="number of silos / SuperNodes (default 3)")
+    deploy.add_argument("--workdir", type=Path, default=Path("deploy-run"),
+                        help="where credentials, state, logs, ledgers and runs go (default deploy-run)")
+    deploy.add_argument("--data-root", type=Path, default=None, help="silo i's data is DATA_ROOT/silo-i")
+    deploy.add_argument("--unregistered", type=int, default=0,
+                        help="extra SuperNodes with unregistered keys (to see them refused)")
+    add_common_arguments(deploy)
+    deploy.set_defaults(func=_deploy)

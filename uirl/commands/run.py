@@ -1,0 +1,47 @@
+"""``uirl run``: the federated job as a local Flower simulation (``flwr run . local --stream``,
+made safe), with a real success check. See :mod:`uirl.launch.simulation`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from uirl.errors import UirlError
+
+_DESCRIPTION = """Run the federated job as a local Flower simulation: N simulated silos (SuperNodes) on
+this machine, the run config from pyproject.toml plus --run-config overrides. Prints one line per
+round and the final table; the run directory (metrics, privacy ledger, checkpoints, final adapter,
+flower.log) is under runs/. Exit status 0 only if Flower reports the run as finished:completed."""
+
+
+def _run(args: argparse.Namespace) -> int:
+    from uirl.launch.output import ConciseLog
+    from uirl.launch.simulation import run_simulation
+
+    if args.supernodes < 1:
+        raise UirlError("--supernodes must be >= 1")
+    print(f"uirl: {args.supernodes} simulated silos (SuperNodes), {args.cpus_per_client:g} CPU each", flush=True)
+    result = run_simulation(supernodes=args.supernodes, run_config=args.run_config,
+                            cpus_per_client=args.cpus_per_client, app=args.app,
+                            log=ConciseLog(verbose=args.verbose))
+    if result.run_dir is not None and (result.run_dir / "flower.log").is_file():
+        print(f"uirl: full Flower log in {result.run_dir / 'flower.log'}", flush=True)
+    print(f"uirl: flower run status: {result.status}", flush=True)
+    return 0 if result.status == "finished:completed" else 1
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-config", default=None,
+                        help='run-config overrides, e.g. "num-server-rounds=3 dp=false" (see README, Run configuration)')
+    parser.add_argument("--verbose", action="store_true", help="also show Flower's INFO/DEBUG log lines")
+    parser.add_argument("--app", type=Path, default=None,
+                        help="the Flower app directory (default: the uirl project this command was installed from)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run the federated job as a local Flower simulation",
+                         description=_DESCRIPTION)
+    run.add_argument("--supernodes", type=int, default=3, help="number of simulated silos (default 3)")
+    run.add_argument("--cpus-per-client", type=float, default=1.0, help="CPUs Ray reserves per simulated silo")
+    add_common_arguments(run)
+    run.set_defaults(func=_run)
