@@ -103,3 +103,19 @@ def test_baseline_scores_the_popularity_candidate_lists_and_reports_full_catalog
     test_lists = [tuple(catalogue[int(k)] for k in s) for s in scored[-sum(len(s.eval_users) for s in silos):]]
     assert test_lists == [u.test_candidates for s in silos for u in s.eval_users]  # popularity's lists
     assert len(test_lists) == 12
+
+
+def test_sweep_cell_records_a_non_private_row_with_full_catalogue_metrics(tmp_path):
+    from simulation import sweep as sw
+    from simulation.cells import run_cell
+
+    path = tmp_path / "s.toml"
+    path.write_text('[sweep]\nsilos = 2\nmethods = ["sasrec", "popularity"]\n[base]\nsynthetic-users = 40\n'
+                    'synthetic-items = 300\neval-negatives = 9\ndevice = "cpu"\n[grid]\ntarget-epsilon = [2.0, inf]\n',
+                    encoding="utf-8")
+    cells = {c.method: c for c in sw.load_sweep(path).cells}
+    assert len(cells) == 2 and not cells["sasrec"].run_config["dp"]  # privacy keys do not apply: one cell
+    rows = {m: run_cell(c, lambda row: None) for m, c in cells.items()}
+    row = rows["sasrec"]
+    assert row["guarantee"] == "none" and row["candidates"] == rows["popularity"]["candidates"]
+    assert set(baselines.FULL_METRICS) <= set(row) and row["rounds"][0]["auc"] == row["auc"]
