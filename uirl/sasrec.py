@@ -179,7 +179,7 @@ def fit(sequences: Sequence[Sequence[int]], num_items: int, cfg: SASRecConfig, *
                 total, count = total + loss.item() * len(rows), count + len(rows)
             best["epochs-run"] = float(epoch)
             score = validate(model) if validate is not None else float(epoch)
-            if score > best["valid-score"]:
+            if score > best["valid-score"] or best_state is None:
                 best.update({"best-epoch": float(epoch), "train-loss": total / count, "valid-score": score})
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             elif epoch - best["best-epoch"] >= cfg.patience:
