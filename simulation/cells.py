@@ -77,6 +77,9 @@ def run_cell(cell, on_round: Callable[[dict], None]) -> dict[str, Any]:
     if cell.method == "local-only":
         rows = baselines.local_only(cfg, silos, on_round=on_round)
         return {**out, **accounting(cfg, {}, cfg.federation.num_rounds), **_final(rows), "rounds": rows}
+    if cell.method == "sasrec":  # trained, but centrally and without DP: no rounds, no privacy steps
+        metrics = baselines.sasrec(cfg, silos)
+        return {**out, **accounting(cfg, {}, 0), **metrics, "rounds": [{"round": 0, **metrics}]}
     metrics = baselines.popularity(cfg, silos) if cell.method == "popularity" else baselines.zero_shot(cfg, silos)
     return {**out, **accounting(cfg, {}, 0), "steps": 0, **metrics, "rounds": [{"round": 0, **metrics}]}
 

@@ -26,12 +26,15 @@ from typing import Any
 
 from uirl.errors import UirlError
 
-BASELINES = ("centralized", "local-only", "popularity", "zero-shot")
+BASELINES = ("centralized", "local-only", "popularity", "zero-shot", "sasrec")
 _METRICS = ("auc", "mrr", "ndcg@10", "recall@10")
 _MIA = ("mia-loss-auc", "mia-loss-tpr@1%", "mia-loss-tpr@0.1%", "mia-calibrated-auc", "mia-calibrated-tpr@1%",
         "mia-calibrated-tpr@0.1%", "mia-loss-auc-reference")
 _LABEL = {"federated": "federated", "central-dp": "federated + central DP", "centralized": "centralized",
-          "local-only": "local only", "popularity": "popularity", "zero-shot": "zero-shot"}
+          "local-only": "local only", "popularity": "popularity", "zero-shot": "zero-shot",
+          "sasrec": "SASRec (centralized)"}
+#: Full-catalogue metrics (only the rows that report them, e.g. sasrec).
+_FULL = ("full/recall@10", "full/ndcg@10", "full/recall@20", "full/ndcg@20")
 
 
 def target_epsilon(row: dict[str, Any]) -> float:
@@ -87,6 +90,14 @@ def utility_table(groups: list[dict[str, Any]]) -> str:
              _fmt(g.get("noise-multiplier"), 3) if g.get("noise-multiplier") else "-",
              _fmt(g.get("sample-rate"), 3), _fmt(g.get("steps"), 0), g.get("accountant") or "-",
              *(g.get(m) for m in _METRICS), str(g["seeds"]), _fmt(g.get("seconds"), 0)] for g in groups]
+    return _table(header, body)
+
+
+def full_table(groups: list[dict[str, Any]]) -> str:
+    scored = [g for g in groups if _FULL[0] in g]
+    header = ["method", "guarantee", "target eps", "full R@10", "full nDCG@10", "full R@20", "full nDCG@20", "seeds"]
+    body = [[_LABEL.get(g["method"], g["method"]), g.get("guarantee", "none"), _fmt(g["target"], 1),
+             *(g.get(k) for k in _FULL), str(g["seeds"])] for g in scored]
     return _table(header, body)
 
 
@@ -233,6 +244,9 @@ def markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], sweep_tex
              "one of its users; `client-level`: the global model is (eps, delta)-DP with respect to one "
              "whole silo (the server adds the noise); `none`: no formal guarantee.", "",
              utility_table(groups), ""]
+    if any(_FULL[0] in g for g in groups):
+        parts += ["Ranked against the whole catalogue instead of the sampled candidates (the items the user "
+                  "touched before are left out; the target never is):", "", full_table(groups), ""]
     if any("mia-loss-auc" in g for g in groups):
         parts += ["## Membership-inference audit", "",
                   "Members: the users a model was trained on; non-members: users of the same silos held "

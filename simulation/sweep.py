@@ -13,7 +13,7 @@ Sweep file::
     out = "results/quick"            # relative to the current directory
     silos = 3
     engine = "inprocess"             # or "flower": federated cells through `flwr run` (no audit)
-    methods = ["federated", "central-dp", "centralized", "local-only", "popularity", "zero-shot"]
+    methods = ["federated", "central-dp", "centralized", "local-only", "popularity", "zero-shot", "sasrec"]
     audit = true                     # membership audit of federated, central-dp and centralized cells
     tiny-encoder = false             # true: a tiny random encoder built in <out>/tiny-encoder (smoke tests)
 
@@ -50,7 +50,7 @@ from typing import Any
 
 from uirl.errors import ConfigError, UirlError
 
-METHODS = ("federated", "central-dp", "centralized", "local-only", "popularity", "zero-shot")
+METHODS = ("federated", "central-dp", "centralized", "local-only", "popularity", "zero-shot", "sasrec")
 AUDITED = ("federated", "central-dp", "centralized")
 _USER_DP_KEYS = ("target-epsilon", "target-delta", "clip-norm", "noise-multiplier", "accountant")
 _CENTRAL_KEYS = ("central-dp", "central-clip", "central-noise")

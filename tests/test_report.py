@@ -30,7 +30,9 @@ def test_report_builds_plots_and_tables(tmp_path):
             _row("federated", 8.0, 0.76, mia=0.57, key="seed-1"), _row("federated", math.inf, 0.78, mia=0.66),
             _row("central-dp", 8.0, 0.61, guarantee="client-level", mia=0.5),
             _row("centralized", math.inf, 0.80, mia=0.7), _row("local-only", math.inf, 0.68),
-            _row("popularity", math.inf, 0.65), _row("zero-shot", math.inf, 0.66)]
+            _row("popularity", math.inf, 0.65), _row("zero-shot", math.inf, 0.66),
+            {**_row("sasrec", math.inf, 0.81), "full/recall@10": 0.1, "full/ndcg@10": 0.05,
+             "full/recall@20": 0.1875, "full/ndcg@20": 0.07}]
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (tmp_path / "sweep.toml").write_text("[sweep]\nsilos = 2\n", encoding="utf-8")
@@ -43,8 +45,12 @@ def test_report_builds_plots_and_tables(tmp_path):
     # Two seeds of eps=8 are averaged into one line; every method has its line.
     line = next(l for l in md.splitlines() if l.startswith("| federated | user-level per silo | 8.0"))
     assert "0.7500" in line and "| 2 |" in line
-    for label in ("centralized", "local only", "popularity", "zero-shot", "federated + central DP"):
+    for label in ("centralized", "local only", "popularity", "zero-shot", "federated + central DP",
+                  "SASRec (centralized)"):
         assert f"| {label} |" in md
+    # Only the row that has full-catalogue metrics gets a line in their table.
+    full = md.split("whole catalogue", 1)[1].split("\n\n", 2)[1].splitlines()
+    assert len(full) == 3 and full[2].startswith("| SASRec (centralized) | none | inf | 0.1000 | 0.0500 | 0.1875")
     mia = [l for l in md.splitlines() if l.startswith("| federated | none | inf") and "0.6600" in l]
     assert mia, md
 

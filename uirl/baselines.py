@@ -10,7 +10,11 @@
   :func:`uirl.federated.local_train` (with DP if the config has it), and is evaluated on its own users;
 - **popularity**: candidates ranked by how many of the silo's training users have them as a training
   positive (no model at all);
-- **zero-shot**: the pretrained encoder, untrained (user = attention-pooled history, cosine score).
+- **zero-shot**: the pretrained encoder, untrained (user = attention-pooled history, cosine score);
+- **sasrec**: the peer baseline, a standard sequential recommender on item ids only
+  (:mod:`uirl.sasrec`), trained centrally on every silo's users' training sequences, no privacy.
+  It is the only row that also reports ``full/*`` metrics: the target ranked against the whole
+  catalogue minus the items the user touched (:func:`uirl.metrics.full_catalogue_metrics`).
 
 Every method is evaluated on each silo's fixed ``eval_users`` test candidates and averaged with
 user-count weights, like the federated evaluation; :func:`candidates_fingerprint` identifies the
@@ -26,15 +30,18 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from uirl.config import Config, SiloConfig
 from uirl.data.silo import Silo, load_silo
 from uirl.engine import FederatedResult, accounting, weighted_metrics
+from uirl.errors import DataError
 from uirl.federated import hash_seed, local_evaluate, local_train
-from uirl.metrics import mean_metrics, ranking_metrics
+from uirl.metrics import FULL_KS, full_catalogue_metrics, mean_metrics, ranking_metrics
 from uirl.model import TextBank
 from uirl.model.build import build_model
-from uirl.train import evaluate, train_round
+from uirl.sasrec import SASRec, SASRecConfig, fit, last_outputs
+from uirl.train import evaluate, resolve_device, train_round
 
 RoundHook = Callable[[dict[str, Any]], None]
 
@@ -76,6 +83,67 @@ def popularity(cfg: Config, num_silos: int) -> dict[str, float]:
                     for u in silo.eval_users]
         per_silo.append({**mean_metrics(per_user), "num-examples": float(len(per_user))})
     return weighted_metrics(per_silo)
+
+
+#: The full-catalogue metrics the sasrec row reports (next to the sampled-candidate ones).
+FULL_METRICS = tuple(f"full/{m}@{k}" for k in FULL_KS for m in ("recall", "ndcg"))
+
+
+def sasrec(cfg: Config, num_silos: int, *, sas: SASRecConfig | None = None) -> dict[str, float]:
+    """SASRec trained on the pooled users of all silos (centralized, no privacy), evaluated on each
+    silo's fixed test candidates and on the full catalogue, averaged with user-count weights.
+    ``sas`` defaults to :class:`~uirl.sasrec.SASRecConfig` with the run's seed."""
+    silos = load_silos(cfg, num_silos)
+    return sasrec_on_silos(silos, sas or SASRecConfig(seed=cfg.train.seed), device=resolve_device(cfg.train.device))
+
+
+def sasrec_on_silos(silos: Sequence[Silo], sas: SASRecConfig, *, device: str | torch.device = "cpu"
+                    ) -> dict[str, float]:
+    """Train on every user's ``train_items``, choose the epoch by validation nDCG@10 (input = the
+    training items, the user's ``valid_candidates``), then test: input = training items + validation
+    target, the last ``sas.max_len`` of them (so the validation item is an input, never a training
+    target, as in the paper). Returns the ranking metrics, :data:`FULL_METRICS`, ``best-epoch`` and
+    ``epochs-run``."""
+    catalogue = sorted({item for s in silos for item in s.item_text})
+    index = {item: k + 1 for k, item in enumerate(catalogue)}  # item id -> SASRec id (0 = padding)
+
+    def ids(items: Sequence[str]) -> list[int]:
+        try:
+            return [index[i] for i in items]
+        except KeyError as exc:
+            raise DataError("item of a user's sequence or candidates is not in the catalogue",
+                            field="item_id", value=exc.args[0]) from None
+
+    users = [u for s in silos for u in s.users]
+    train = [ids(u.train_items) for u in users]
+    valid = [ids(u.valid_candidates) for u in users]
+
+    def valid_ndcg(model: SASRec) -> float:
+        full = _catalogue_scores(model, train)
+        return float(np.mean([ranking_metrics(row[np.asarray(c) - 1])["ndcg@10"] for row, c in zip(full, valid)]))
+
+    model, log = fit(train, len(catalogue), sas, validate=valid_ndcg, device=device)
+    per_silo = []
+    for silo in silos:
+        histories = [ids(u.train_items + (u.valid_target,)) for u in silo.eval_users]
+        per_user = []
+        for u, row in zip(silo.eval_users, _catalogue_scores(model, histories)):
+            target = index[u.test_target] - 1
+            touched = np.asarray([index[i] - 1 for i in silo.touched.get(u.user_id, ()) if i in index],
+                                 dtype=np.int64)
+            per_user.append({**ranking_metrics(row[np.asarray(ids(u.test_candidates)) - 1]),
+                             **full_catalogue_metrics(row, target, excluded=touched)})
+        per_silo.append({**mean_metrics(per_user), "num-examples": float(len(per_user))})
+    return {**weighted_metrics(per_silo), "best-epoch": log["best-epoch"],
+            "epochs-run": log["epochs-run"]}
+
+
+def _catalogue_scores(model: SASRec, histories: Sequence[Sequence[int]], chunk: int = 256):
+    """Yield, per history, a float64 (num_items,) array: the score of every catalogue item."""
+    for start in range(0, len(histories), chunk):
+        with torch.no_grad():
+            scores = model.catalogue_scores(last_outputs(model, histories[start:start + chunk]))
+        yield from scores.double().cpu().numpy()
 
 
 def centralized(cfg: Config, num_silos: int, *, on_round: RoundHook | None = None) -> FederatedResult:

@@ -11,7 +11,7 @@ update and adds Gaussian noise instead (:mod:`uirl.privacy.central`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +42,11 @@ class FederatedResult:
     privacy: dict[str, Any]  # the guarantee and its accounting (see :func:`accounting`)
 
 
-def weighted_metrics(per_silo: list[dict[str, float]]) -> dict[str, float]:
-    """Silo metrics averaged with ``num-examples`` weights (as FedAvg aggregates evaluation)."""
+def weighted_metrics(per_silo: list[dict[str, float]], keys: Sequence[str] = _RANKING) -> dict[str, float]:
+    """Silo metrics averaged with ``num-examples`` weights (as FedAvg aggregates evaluation); only
+    ``keys`` (default: the sampled-candidate ranking metrics) that the first silo has."""
     total = sum(m["num-examples"] for m in per_silo)
-    return {k: sum(m[k] * m["num-examples"] for m in per_silo) / total for k in _RANKING
+    return {k: sum(m[k] * m["num-examples"] for m in per_silo) / total for k in keys
             if all(k in m for m in per_silo)}
 
 
