@@ -36,6 +36,10 @@ def _convert(args: argparse.Namespace) -> int:
     manifest = convert(args.format, args.input_path, args.output_dir, _options(args),
                        say=lambda line: print(line, flush=True))
     _print_counts(manifest, args.output_dir)
+    if "fixed-lists" in manifest:
+        fixed = manifest["fixed-lists"]
+        print(f"fixed lists from {fixed['file']}: {fixed['test']:,} test, {fixed['valid']:,} validation "
+              f"(the other users' lists are sampled)")
     print(f"train on it: python -m simulation.flower --run-config \"dataset='{Path(args.output_dir).resolve()}'\"")
     return 0
 
