@@ -37,12 +37,13 @@ import pyarrow.parquet as pq
 
 from uirl.data.fixed_lists import STORED, FixedLists, apply_fixed_lists, stored_lists
 from uirl.data.fixed_split import impression_split, standard_split, user_codes
-from uirl.data.formats import amazon, mind, movielens, schema_files
+from uirl.data.formats import amazon, mind, movielens, recbole, schema_files
 from uirl.data.formats.common import Tables
 from uirl.errors import DataError
 
 FORMATS: dict[str, Callable[..., Tables]] = {"movielens": movielens.read, "amazon": amazon.read,
-                                             "mind": mind.read, "schema": schema_files.read}
+                                             "mind": mind.read, "schema": schema_files.read,
+                                             "recbole": recbole.read}
 MANIFEST = "manifest.json"
 DATASET_VERSION = 1
 _ROW_GROUP = 1 << 20
