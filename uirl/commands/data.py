@@ -47,6 +47,10 @@ def _convert(args: argparse.Namespace) -> int:
     manifest = convert(args.format, args.input_path, args.output_dir, _options(args),
                        say=lambda line: print(line, flush=True))
     _print_counts(manifest, args.output_dir)
+    if "fixed-lists" in manifest:
+        fixed = manifest["fixed-lists"]
+        print(f"fixed lists from {fixed['file']}: {fixed['test']:,} test, {fixed['valid']:,} validation "
+              f"(the other users' lists are sampled)")
     print(f"train on it: {_uirl_executable()} run --run-config \"dataset='{Path(args.output_dir).resolve()}'\"")
     return 0
 
@@ -93,8 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="convert published datasets, fix evaluation lists, show silo stats")
     cmds = data.add_subparsers(dest="data_command", required=True)
     convert = cmds.add_parser("convert", help="publisher files -> a uirl dataset directory (Parquet)")
-    convert.add_argument("--format", required=True, choices=("movielens", "amazon", "mind", "schema"))
-    convert.add_argument("input_path", help="the unzipped download (a directory, or one Amazon review file)")
+    convert.add_argument("--format", required=True, choices=("movielens", "amazon", "mind", "schema", "recbole"))
+    convert.add_argument("input_path", help="the unzipped download (a directory, one Amazon review file, or one "
+                                            "RecBole .inter file)")
     convert.add_argument("output_dir", help="a new directory for the converted dataset")
     _split_options(convert)
     convert.add_argument("--core", type=int, default=0,

@@ -1,7 +1,8 @@
 """Data: table schema and validation, the synthetic default dataset, and the evaluation split.
 
 Real datasets: :mod:`uirl.data.formats` reads them as published, :mod:`uirl.data.convert` writes a
-converted directory with fixed evaluation lists (:mod:`uirl.data.fixed_split`), and
+converted directory with fixed evaluation lists (:mod:`uirl.data.fixed_split`; a benchmark's
+own lists: :mod:`uirl.data.fixed_lists`), and
 :mod:`uirl.data.partition` assigns users to silos; :mod:`uirl.data.silo` loads one silo.
 """
 

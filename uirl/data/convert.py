@@ -11,7 +11,10 @@
 - ``split.parquet``: the fixed validation/test targets and candidate lists
   (:mod:`uirl.data.fixed_split`); ``impressions.parquet`` for datasets that ship them (MIND);
   ``social.parquet`` when the source has a social graph;
-- ``manifest.json``: format, source, counts, seed, negatives, positive threshold.
+- ``candidates.parquet``: the fixed candidate lists the source shipped itself
+  (:mod:`uirl.data.fixed_lists`), already applied to ``split.parquet`` and kept for ``resplit``;
+- ``manifest.json``: format, source, counts, seed, negatives, positive threshold, where the event
+  order came from (``event-order``: ``timestamp`` or ``file``), the fixed lists and any warnings.
 
 The directory is built next to ``OUTPUT_DIR`` under a temporary name, ``manifest.json`` is written
 last, and only then is it renamed: a failed conversion never leaves a directory that looks done.
@@ -32,13 +35,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from uirl.data.fixed_lists import STORED, FixedLists, apply_fixed_lists, stored_lists
 from uirl.data.fixed_split import impression_split, standard_split, user_codes
-from uirl.data.formats import amazon, mind, movielens, schema_files
+from uirl.data.formats import amazon, mind, movielens, recbole, schema_files
 from uirl.data.formats.common import Tables
 from uirl.errors import DataError
 
 FORMATS: dict[str, Callable[..., Tables]] = {"movielens": movielens.read, "amazon": amazon.read,
-                                             "mind": mind.read, "schema": schema_files.read}
+                                             "mind": mind.read, "schema": schema_files.read,
+                                             "recbole": recbole.read}
 MANIFEST = "manifest.json"
 DATASET_VERSION = 1
 _ROW_GROUP = 1 << 20
@@ -131,13 +136,16 @@ def write_manifest(directory: Path, manifest: dict) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
-def make_split(events: pa.Table, items: pa.Table, impressions: pa.Table | None, options: ConvertOptions) -> pa.Table:
+def make_split(events: pa.Table, items: pa.Table, impressions: pa.Table | None, options: ConvertOptions,
+               fixed: FixedLists | None = None) -> pa.Table:
     pool = sorted(items["item_id"].to_pylist())
     if impressions is not None:
-        return impression_split(events, impressions, pool, threshold=options.positive_threshold,
-                                num_negatives=options.negatives, seed=options.seed)
-    return standard_split(events, pool, threshold=options.positive_threshold, num_negatives=options.negatives,
-                          seed=options.seed)
+        split = impression_split(events, impressions, pool, threshold=options.positive_threshold,
+                                 num_negatives=options.negatives, seed=options.seed)
+    else:
+        split = standard_split(events, pool, threshold=options.positive_threshold, num_negatives=options.negatives,
+                               seed=options.seed)
+    return split if fixed is None else apply_fixed_lists(split, fixed)
 
 
 def convert(fmt: str, input_path: str | os.PathLike, output_dir: str | os.PathLike,
@@ -151,6 +159,8 @@ def convert(fmt: str, input_path: str | os.PathLike, output_dir: str | os.PathLi
                         file=str(output))
     say(f"reading {fmt} from {source}")
     tables = FORMATS[fmt](source, skip_unknown=options.skip_unknown_items)
+    for note in tables.notes:
+        say(f"warning: {note}")
     _check_items(tables.items, str(source))
     events = _known_items(tables.events, tables.items, options.skip_unknown_items, str(source))
     if options.core:
@@ -161,7 +171,7 @@ def convert(fmt: str, input_path: str | os.PathLike, output_dir: str | os.PathLi
     impressions = tables.impressions
     if impressions is not None and options.core:
         impressions = impressions.filter(pc.is_in(impressions["user_id"], value_set=pc.unique(events["user_id"])))
-    split = make_split(events, tables.items, impressions, options)
+    split = make_split(events, tables.items, impressions, options, tables.candidates)
     if len(split) == 0:
         raise DataError("no user has enough positive events for a training item, a validation and a test "
                         "target (at least 4 distinct positives)", file=str(source))
@@ -177,13 +187,20 @@ def convert(fmt: str, input_path: str | os.PathLike, output_dir: str | os.PathLi
             _write(impressions, tmp / "impressions.parquet")
         if tables.social is not None:
             _write(tables.social, tmp / "social.parquet")
+        if tables.candidates is not None:
+            _write(tables.candidates.table, tmp / STORED)
         behaviors = pc.value_counts(events["behavior"]).to_pylist()
         manifest = {"uirl-dataset": DATASET_VERSION, "format": fmt, "source": source.name,
                     "options": asdict(options),
                     "counts": {"users": len(users), "items": len(tables.items), "events": len(events),
                                "evaluated-users": len(split),
                                "behaviors": {b["values"]: b["counts"] for b in behaviors}},
-                    "user-columns": [c for c in users.column_names if c != "user_id"]}
+                    "user-columns": [c for c in users.column_names if c != "user_id"],
+                    "event-order": tables.event_order}
+        if tables.candidates is not None:
+            manifest["fixed-lists"] = {"file": Path(tables.candidates.file).name, **tables.candidates.counts()}
+        if tables.notes:
+            manifest["notes"] = list(tables.notes)
         write_manifest(tmp, manifest)
         if output.is_dir():
             output.rmdir()  # empty (checked above)
@@ -216,6 +233,7 @@ def read_manifest(directory: Path, *, key: str = "dataset") -> dict:
 
 def resplit(directory: str | os.PathLike, options: ConvertOptions) -> dict:
     """Recompute ``split.parquet`` of a converted directory (other negatives, seed or threshold).
+    Fixed lists the source shipped (``candidates.parquet``) are applied again, verbatim.
 
     The new split is written to a temporary file and renamed over the old one, then the manifest is
     replaced the same way; a failure leaves the previous split and manifest in place."""
@@ -224,7 +242,8 @@ def resplit(directory: str | os.PathLike, options: ConvertOptions) -> dict:
     events = pq.read_table(root / "events.parquet")
     items = pq.read_table(root / "items.parquet")
     impressions = pq.read_table(root / "impressions.parquet") if (root / "impressions.parquet").exists() else None
-    split = make_split(events, items, impressions, options)
+    fixed = stored_lists(root, set(items["item_id"].to_pylist()))
+    split = make_split(events, items, impressions, options, fixed)
     if len(split) == 0:
         raise DataError("no user has enough positive events with these options", file=str(root))
     fd, tmp = tempfile.mkstemp(prefix=".split.", suffix=".parquet", dir=root)

@@ -14,14 +14,18 @@ import gzip
 import json
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from uirl.errors import DataError
+
+if TYPE_CHECKING:
+    from uirl.data.fixed_lists import FixedLists
 
 #: Arrow types of the schema's event columns, in schema order.
 EVENT_TYPES = {"user_id": pa.string(), "item_id": pa.string(), "timestamp": pa.int64(),
@@ -36,6 +40,10 @@ class Tables:
     ``users``: one row per user (``user_id`` + attributes such as gender/occupation/region), used
     by natural partitioning. ``impressions`` (MIND): ``user_id``, ``impression`` (int, file order),
     ``timestamp``, ``item_id``, ``clicked`` -- the candidate lists a dataset ships itself.
+    ``candidates``: fixed candidate lists per user and split, used verbatim (schema files).
+    ``event_order``: ``"timestamp"``, or ``"file"`` when the source has no times and ``timestamp``
+    holds each event's position in the file (its order is the time order). ``notes``: warnings
+    for the user (printed, and kept in the manifest).
     """
 
     items: pa.Table
@@ -43,6 +51,9 @@ class Tables:
     users: pa.Table | None = None
     social: pa.Table | None = None
     impressions: pa.Table | None = None
+    candidates: FixedLists | None = None
+    event_order: str = "timestamp"
+    notes: list[str] = field(default_factory=list)
 
 
 def require_file(path: Path) -> Path:

@@ -1,9 +1,14 @@
 """The project's own schema (:mod:`uirl.data.schema`) as JSONL, CSV or Parquet files.
 
 INPUT_PATH is a directory with ``items.<ext>`` and ``events.<ext>`` (ext: jsonl, csv or parquet),
-and optionally ``social.<ext>`` (user_id, other_user_id) and ``users.<ext>`` (user_id + attribute
-columns for natural partitioning). Tables are checked by the schema validators, whose errors
-name the file, the row and the field.
+and optionally ``social.<ext>`` (user_id, other_user_id), ``users.<ext>`` (user_id + attribute
+columns for natural partitioning) and ``candidates.<ext>`` (fixed evaluation lists, see
+:mod:`uirl.data.fixed_lists`). Tables are checked by the schema validators, whose errors name the
+file, the row and the field.
+
+Sequence-only data is accepted: without a ``timestamp`` column the file order is the time order
+(``timestamp`` becomes the event's position, 0, 1, ...; the manifest says ``event-order: file``),
+and without a ``behavior`` column every event is a positive interaction (``click``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from uirl.data.fixed_lists import read_fixed_lists
 from uirl.data.formats.common import EVENT_TYPES, ITEM_TYPES, Tables, json_records, text_lines
 from uirl.data.schema import validate_events, validate_items
 from uirl.errors import DataError
@@ -53,6 +59,12 @@ def read(path: Path, *, skip_unknown: bool = False) -> Tables:
     items_path, events_path = _find(root, "items", True), _find(root, "events", True)
     items = validate_items(_frame(items_path), source=str(items_path))
     raw = _frame(events_path)
+    order = "timestamp" if "timestamp" in raw.columns else "file"
+    if {"user_id", "item_id"} <= set(raw.columns):  # else the validator names the missing column
+        if order == "file":
+            raw = raw.assign(timestamp=range(len(raw)))
+        if "behavior" not in raw.columns:
+            raw = raw.assign(behavior="click")
     if skip_unknown and "item_id" in raw.columns:
         raw = raw[raw["item_id"].astype(str).isin(set(items["item_id"]))].reset_index(drop=True)
     events = validate_events(raw, items, source=str(events_path))
@@ -69,10 +81,14 @@ def read(path: Path, *, skip_unknown: bool = False) -> Tables:
         if "user_id" not in frame.columns:
             raise DataError("missing required column", file=str(users_path), field="user_id")
         users = pa.Table.from_pandas(frame.astype({"user_id": str}), preserve_index=False)
+    candidates = None
+    if (candidates_path := _find(root, "candidates", False)) is not None:
+        candidates = read_fixed_lists(candidates_path, set(items["item_id"]))
     item_table = pa.table({c: pa.array(items[c].astype(object).where(items[c].notna(), None).tolist(), t)
                            for c, t in ITEM_TYPES.items() if c in items.columns})
     if "category" not in item_table.column_names:
         item_table = item_table.append_column("category", pa.nulls(len(item_table), pa.string()))
     event_table = pa.table({c: pa.array(events[c].astype(object).where(events[c].notna(), None).tolist(), t)
                             for c, t in EVENT_TYPES.items() if c in events.columns})
-    return Tables(items=item_table, events=event_table, users=users, social=social)
+    return Tables(items=item_table, events=event_table, users=users, social=social, candidates=candidates,
+                  event_order=order)
