@@ -200,3 +200,14 @@ def test_federated_cached_run_with_prior_learns_and_stays_within_budget(tiny_ber
     with pytest.raises(Exception):
         popularity_prior([np.zeros(3), np.zeros(4)])
     assert math.isfinite(rows[-1]["auc"])
+
+
+def test_the_noisy_prior_shrinks_noise_made_hits_towards_zero():
+    rng = np.random.default_rng(0)
+    true = np.concatenate([np.zeros(900), rng.uniform(5, 30, 100)])  # most items near zero, a popular head
+    noisy = true + rng.normal(0, 2.0, true.shape)
+    plain, shrunk = prior_from_counts(noisy), prior_from_counts(noisy, 2.0)
+    target = np.log1p(true)
+    assert np.mean((shrunk - target) ** 2) < 0.5 * np.mean((plain - target) ** 2)
+    assert np.all(np.diff(shrunk[np.argsort(noisy)]) >= -1e-6)  # monotone in the released count
+    np.testing.assert_allclose(prior_from_counts(true), target.astype(np.float32), rtol=1e-6)

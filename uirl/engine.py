@@ -87,13 +87,15 @@ def _sample_silos(cfg: Config, num_silos: int, rng: np.random.Generator) -> list
     return sorted(rng.choice(num_silos, size=size, replace=False).tolist())
 
 
-def popularity_prior(released: list[np.ndarray]) -> np.ndarray | None:
-    """The server's prior from the silos' released count vectors: log(1 + max(sum, 0))."""
+def popularity_prior(released: list[np.ndarray], noise: list[float] | None = None) -> np.ndarray | None:
+    """The server's prior from the silos' released count vectors and each one's noise standard
+    deviation (0 for exact counts): :func:`~uirl.privacy.popularity.prior_from_counts` of the sum."""
     if not released:
         return None
     if len({len(c) for c in released}) != 1:
         raise UirlError("silos released popularity counts over catalogues of different sizes")
-    return prior_from_counts(np.sum(released, axis=0))
+    noise_std = math.sqrt(sum(s * s for s in noise or []))
+    return prior_from_counts(np.sum(released, axis=0), noise_std)
 
 
 def run_federated(cfg: Config, num_silos: int, *,
@@ -110,7 +112,8 @@ def run_federated(cfg: Config, num_silos: int, *,
     if cfg.model.popularity_prior:  # each silo's (noised) counts, summed by the server
         released = [local_release(cfg, s, ledger_json=ledgers[k]) for k, s in enumerate(silos)]
         ledgers = {k: ledger for k, (_, _, ledger) in enumerate(released)}
-        prior = popularity_prior([counts for counts, _, _ in released if counts is not None])
+        prior = popularity_prior([counts for counts, _, _ in released if counts is not None],
+                                 [m.get("release-noise", 0.0) for counts, m, _ in released if counts is not None])
 
     def evaluate(server_round: int, extra: dict[str, Any]) -> None:
         metrics = {}
