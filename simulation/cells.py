@@ -16,7 +16,8 @@ from uirl.errors import UirlError
 from uirl.model import TextBank
 from uirl.privacy.audit import membership_audit
 
-_FINAL = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10")
+_FINAL = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10",
+          "full/recall@10", "full/recall@20", "full/ndcg@10", "full/ndcg@20")
 
 
 def _final(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -80,6 +81,9 @@ def run_cell(cell, on_round: Callable[[dict], None]) -> dict[str, Any]:
     if cell.method == "sasrec":  # trained, but centrally and without DP: no rounds, no privacy steps
         metrics = baselines.sasrec(cfg, silos)
         return {**out, **accounting(cfg, {}, 0), **metrics, "rounds": [{"round": 0, **metrics}]}
-    metrics = baselines.popularity(cfg, silos) if cell.method == "popularity" else baselines.zero_shot(cfg, silos)
+    if cell.method in ("popularity", "popularity-global"):
+        metrics = baselines.popularity(cfg, silos, scope="global" if cell.method == "popularity-global" else "silo")
+    else:
+        metrics = baselines.zero_shot(cfg, silos)
     return {**out, **accounting(cfg, {}, 0), "steps": 0, **metrics, "rounds": [{"round": 0, **metrics}]}
 

@@ -26,12 +26,13 @@ from typing import Any
 
 from uirl.errors import UirlError
 
-BASELINES = ("centralized", "local-only", "popularity", "zero-shot", "sasrec")
+BASELINES = ("centralized", "local-only", "popularity", "popularity-global", "zero-shot", "sasrec")
 _METRICS = ("auc", "mrr", "ndcg@10", "recall@10")
 _MIA = ("mia-loss-auc", "mia-loss-tpr@1%", "mia-loss-tpr@0.1%", "mia-calibrated-auc", "mia-calibrated-tpr@1%",
         "mia-calibrated-tpr@0.1%", "mia-loss-auc-reference")
 _LABEL = {"federated": "federated", "central-dp": "federated + central DP", "centralized": "centralized",
-          "local-only": "local only", "popularity": "popularity", "zero-shot": "zero-shot",
+          "local-only": "local only", "popularity": "popularity (per silo)",
+          "popularity-global": "popularity (global)", "zero-shot": "zero-shot",
           "sasrec": "SASRec (centralized)"}
 #: Full-catalogue metrics (only the rows that report them, e.g. sasrec).
 _FULL = ("full/recall@10", "full/ndcg@10", "full/recall@20", "full/ndcg@20")

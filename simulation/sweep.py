@@ -13,7 +13,7 @@ Sweep file::
     out = "results/quick"            # relative to the current directory
     silos = 3
     engine = "inprocess"             # or "flower": federated cells through `flwr run` (no audit)
-    methods = ["federated", "central-dp", "centralized", "local-only", "popularity", "zero-shot", "sasrec"]
+    methods = ["federated", "central-dp", "centralized", "local-only", "popularity", "popularity-global", "zero-shot", "sasrec"]
     audit = true                     # membership audit of federated, central-dp and centralized cells
     tiny-encoder = false             # true: a tiny random encoder built in <out>/tiny-encoder (smoke tests)
 
@@ -50,7 +50,8 @@ from typing import Any
 
 from uirl.errors import ConfigError, UirlError
 
-METHODS = ("federated", "central-dp", "centralized", "local-only", "popularity", "zero-shot", "sasrec")
+METHODS = ("federated", "central-dp", "centralized", "local-only", "popularity", "popularity-global", "zero-shot",
+           "sasrec")
 AUDITED = ("federated", "central-dp", "centralized")
 _USER_DP_KEYS = ("target-epsilon", "target-delta", "clip-norm", "noise-multiplier", "accountant")
 _CENTRAL_KEYS = ("central-dp", "central-clip", "central-noise")
@@ -144,6 +145,9 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None) -> Sweep:
         raise _fail(source, f"expected a list of {', '.join(METHODS)}", "sweep.methods", methods)
     out = Path(out or sw.get("out") or Path("results") / path.stem)
     base, grid = dict(spec.get("base", {})), spec.get("grid", {})
+    dataset = base.get("dataset")
+    if isinstance(dataset, str) and dataset != "synthetic" and not Path(dataset).is_absolute():
+        base["dataset"] = str(Path(dataset).resolve())  # relative to the current directory
     tiny = sw.get("tiny-encoder", False)
     if tiny:
         base["model-name"] = str(out / "tiny-encoder")

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -58,6 +59,9 @@ def test_own_processes_finds_ours_by_argument_and_stop_tree_stops_them():
     marker = f"uirl-test-marker-{os.getpid()}"
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
     try:
+        deadline = time.time() + 10  # the child's command line is its own only once it has exec'd
+        while own_processes("python", marker) != [proc.pid] and time.time() < deadline:
+            time.sleep(0.05)
         assert own_processes("python", marker) == [proc.pid]
         assert own_processes("python", marker + "-other") == []
     finally:

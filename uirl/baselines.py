@@ -63,7 +63,7 @@ def candidates_fingerprint(silos: Sequence[Silo]) -> str:
 def _evaluate_silos(model, banks: dict[int, TextBank], silos: Sequence[Silo], cfg: Config) -> dict[str, float]:
     per_silo = []
     for silo in silos:
-        metrics = evaluate(model, banks[silo.silo_id], silo.eval_users, cfg, split="test")
+        metrics = evaluate(model, banks[silo.silo_id], silo.eval_users, cfg, split="test", touched=silo.touched)
         per_silo.append({**metrics, "num-examples": metrics["num-users"]})
     return weighted_metrics(per_silo)
 
@@ -75,12 +75,30 @@ def zero_shot(cfg: Config, num_silos: int) -> dict[str, float]:
     return _evaluate_silos(model, banks, silos, cfg)
 
 
-def popularity(cfg: Config, num_silos: int) -> dict[str, float]:
+def popularity(cfg: Config, num_silos: int, *, scope: str = "silo") -> dict[str, float]:
+    """Rank by how many training users have an item as a training positive (no model, no privacy):
+    counted in the user's own silo (``scope="silo"``) or over every silo (``"global"``: what a
+    server would know if the silos shared exact counts). Sampled lists and, with
+    ``full-catalogue``, the whole catalogue minus what the user touched."""
+    if scope not in ("silo", "global"):
+        raise ValueError(f"scope must be silo or global, not {scope!r}")
+    silos = load_silos(cfg, num_silos)
+    pooled = Counter(item for silo in silos for user in silo.users for item in set(user.train_items))
     per_silo = []
-    for silo in load_silos(cfg, num_silos):
-        counts = Counter(item for user in silo.users for item in set(user.train_items))
-        per_user = [ranking_metrics(np.array([counts[i] for i in u.test_candidates], dtype=float))
-                    for u in silo.eval_users]
+    for silo in silos:
+        counts = pooled if scope == "global" else Counter(
+            item for user in silo.users for item in set(user.train_items))
+        catalogue = sorted(silo.item_text)
+        position = {item: k for k, item in enumerate(catalogue)}
+        everything = np.array([counts[i] for i in catalogue], dtype=float)
+        per_user = []
+        for u in silo.eval_users:
+            metrics = ranking_metrics(np.array([counts[i] for i in u.test_candidates], dtype=float))
+            if cfg.data.full_catalogue and u.test_target in position:
+                seen = [position[i] for i in silo.touched.get(u.user_id, ()) if i in position]
+                full = full_catalogue_metrics(everything, position[u.test_target], seen)
+                metrics.update({k: v for k, v in full.items() if k != "full/rank"})
+            per_user.append(metrics)
         per_silo.append({**mean_metrics(per_user), "num-examples": float(len(per_user))})
     return weighted_metrics(per_silo)
 
