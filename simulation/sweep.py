@@ -222,6 +222,15 @@ def _append(out: Path, row: dict[str, Any]) -> None:
     _write_csv(out, rows + [row])
 
 
+def round_summary(label: str, row: dict[str, Any]) -> str:
+    """One line for a round: its metrics (those evaluated) and the epsilon spent so far."""
+    parts = [f"{k}={row[k]:.4f}" for k in ("train-loss", "auc", "ndcg@10", "full/recall@20") if k in row]
+    eps = row.get("epsilon")
+    if isinstance(eps, (int, float)) and not math.isnan(eps):
+        parts.append(f"eps={eps:.2f}")
+    return f"{label} | round {row['round']} " + " ".join(parts)
+
+
 def run_sweep(sweep: Sweep, *, run_cell: Callable[[Cell, Callable[[dict], None]], dict] | None = None,
               after_cell: Callable[[Cell, dict], None] | None = None, console=None) -> list[dict[str, Any]]:
     """Run every cell not already in the results file; return all rows (old and new)."""
@@ -252,6 +261,8 @@ def run_sweep(sweep: Sweep, *, run_cell: Callable[[Cell, Callable[[dict], None]]
 
             def on_round(row: dict, label: str = label) -> None:
                 progress.update(task, description=f"{label} | round {row['round']} auc={row.get('auc', 0):.4f}")
+                # A plain line per round as well: it reaches a log file where the bar does not.
+                progress.console.print(round_summary(label, row), highlight=False)
 
             start = time.time()
             result = run_cell(cell, on_round)
