@@ -38,6 +38,19 @@ _LABEL = {"federated": "federated", "central-dp": "federated + central DP", "cen
 _FULL = ("full/recall@10", "full/ndcg@10", "full/recall@20", "full/ndcg@20")
 
 
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Rows of a results file. A torn last line (the sweep was killed while writing) is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def target_epsilon(row: dict[str, Any]) -> float:
     """The epsilon a row was configured for (inf without DP)."""
     if row.get("guarantee", "none") == "none":
@@ -91,6 +104,36 @@ def utility_table(groups: list[dict[str, Any]]) -> str:
              _fmt(g.get("noise-multiplier"), 3) if g.get("noise-multiplier") else "-",
              _fmt(g.get("sample-rate"), 3), _fmt(g.get("steps"), 0), g.get("accountant") or "-",
              *(g.get(m) for m in _METRICS), str(g["seeds"]), _fmt(g.get("seconds"), 0)] for g in groups]
+    return _table(header, body)
+
+
+#: The headline table's metrics: sampled-list and full-catalogue ranking, in points (x100).
+_HEADLINE = (("nDCG@10", "ndcg@10"), ("AUC", "auc"), ("full R@20", "full/recall@20"), ("full nDCG@10", "full/ndcg@10"))
+
+
+def _spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    """``mean ± sd`` over seeds (sample standard deviation; the mean alone for one seed)."""
+    values = [float(v) * scale for v in values if v is not None and not math.isnan(float(v))]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def headline_table(groups: list[dict[str, Any]]) -> str:
+    """Methods x metrics, mean ± sd over the group's seeds; minutes and peak memory per run."""
+    header = ["method", "eps (per silo)", *(name for name, _ in _HEADLINE), "min/run", "peak GB", "seeds"]
+    body = []
+    for g in groups:
+        members = g["members_rows"]
+        body.append([_LABEL.get(g["method"], g["method"]), _fmt(g["target"], 1),
+                     *(_spread([r.get(key) for r in members], 100.0) for _, key in _HEADLINE),
+                     _spread([r.get("seconds") for r in members], 1 / 60),
+                     _spread([r.get("peak-rss-gb") for r in members], 1.0, 2),
+                     str(len(members))])
     return _table(header, body)
 
 
@@ -239,7 +282,11 @@ def markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], sweep_tex
     parts = ["# Privacy-utility report", "",
              f"{len(rows)} runs from `{results.name}` ({seconds / 60:.1f} min of compute in all). "
              f"Every method scored on the same test candidate lists: {same}.", "",
-             "![utility vs epsilon](utility_vs_epsilon.png)", "", "## Utility and accounting", "",
+             "![utility vs epsilon](utility_vs_epsilon.png)", "", "## Headline", "",
+             "Test metrics in points (x100), mean ± standard deviation over seeds; 20-candidate lists "
+             "(nDCG@10, AUC) and every item the user has not touched (full R@20, full nDCG@10); minutes and "
+             "peak resident memory of one run (each run in its own process).", "", headline_table(groups), "",
+             "## Utility and accounting", "",
              "Test metrics of the final model, averaged over silos with user-count weights. "
              "`user-level per silo`: each silo's released updates are (eps, delta)-DP with respect to "
              "one of its users; `client-level`: the global model is (eps, delta)-DP with respect to one "
@@ -274,8 +321,7 @@ def build_report(results: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    from simulation.sweep import read_results
-    from uirl.rundir import atomic_write_text
+    from uirl.atomic import atomic_write_text
 
     results = Path(results)
     if results.is_dir():

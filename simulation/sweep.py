@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simulation.report import read_results
 from uirl.errors import ConfigError, UirlError
 
 METHODS = ("federated", "central-dp", "centralized", "local-only", "popularity", "popularity-global", "zero-shot",
@@ -179,21 +180,8 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None) -> Sweep:
     return Sweep(source=source, out=out, cells=list(cells.values()), tiny_encoder=bool(tiny))
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """Rows of a results file. A torn last line (the sweep was killed while writing) is dropped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def _atomic_write(path: Path, text: str) -> None:
-    from uirl.rundir import atomic_write_text
+    from uirl.atomic import atomic_write_text
 
     atomic_write_text(path, text)
 
@@ -231,15 +219,68 @@ def round_summary(label: str, row: dict[str, Any]) -> str:
     return f"{label} | round {row['round']} " + " ".join(parts)
 
 
+def _cell_child(cell: Cell, threads: int | None, queue) -> None:
+    """A cell in its own process: round rows and the result go back through ``queue``, with the
+    process's peak resident memory (so each cell's memory is its own, not the sweep's high-water mark)."""
+    import resource
+
+    import torch
+
+    from simulation.cells import run_cell
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        result = run_cell(cell, lambda row: queue.put(("round", row)))
+    except UirlError as exc:
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    queue.put(("done", {**result, "peak-rss-gb": round(peak_kib / 2**20, 2)}))
+
+
+def run_isolated(cell: Cell, on_round: Callable[[dict], None], *, threads: int | None = None) -> dict[str, Any]:
+    """Run ``cell`` in a fresh (spawned) process; stream its round rows to ``on_round``."""
+    import multiprocessing as mp
+    import queue as queues
+
+    ctx = mp.get_context("spawn")
+    channel = ctx.Queue()
+    child = ctx.Process(target=_cell_child, args=(cell, threads, channel), daemon=True)
+    child.start()
+    try:
+        while True:
+            try:
+                kind, payload = channel.get(timeout=5.0)
+            except queues.Empty:
+                if not child.is_alive():
+                    raise UirlError(f"sweep cell {cell.method} {cell.grid} died (exit code {child.exitcode}) "
+                                    "without a result") from None
+                continue
+            if kind == "round":
+                on_round(payload)
+            elif kind == "error":
+                raise UirlError(f"sweep cell {cell.method} {cell.grid}: {payload}")
+            else:
+                return payload
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+
+
 def run_sweep(sweep: Sweep, *, run_cell: Callable[[Cell, Callable[[dict], None]], dict] | None = None,
-              after_cell: Callable[[Cell, dict], None] | None = None, console=None) -> list[dict[str, Any]]:
-    """Run every cell not already in the results file; return all rows (old and new)."""
+              after_cell: Callable[[Cell, dict], None] | None = None, console=None,
+              threads: int | None = None) -> list[dict[str, Any]]:
+    """Run every cell not already in the results file; return all rows (old and new). By default
+    each cell runs in its own process (:func:`run_isolated`), which bounds memory to one cell's and
+    measures it (``peak-rss-gb``); a given ``run_cell`` runs in this process."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from simulation.cells import run_cell as default_run_cell
-
-    run_cell = run_cell or default_run_cell
+    if run_cell is None:
+        def run_cell(cell: Cell, on_round: Callable[[dict], None]) -> dict[str, Any]:
+            return run_isolated(cell, on_round, threads=threads)
     console = console or Console(stderr=True)
     sweep.out.mkdir(parents=True, exist_ok=True)
     if sweep.tiny_encoder:
@@ -262,7 +303,7 @@ def run_sweep(sweep: Sweep, *, run_cell: Callable[[Cell, Callable[[dict], None]]
             def on_round(row: dict, label: str = label) -> None:
                 progress.update(task, description=f"{label} | round {row['round']} auc={row.get('auc', 0):.4f}")
                 # A plain line per round as well: it reaches a log file where the bar does not.
-                progress.console.print(round_summary(label, row), highlight=False)
+                progress.console.print(round_summary(label, row), highlight=False, soft_wrap=True)
 
             start = time.time()
             result = run_cell(cell, on_round)
@@ -282,16 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulation.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="sweep TOML file (see simulation/sweeps/)")
     parser.add_argument("--out", default=None, help="output directory (default: [sweep] out)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of each cell (default: torch's choice)")
     parser.add_argument("--report", action="store_true", help="build the report (plots + markdown) at the end")
     args = parser.parse_args(argv)
     try:
         sweep = load_sweep(args.config, out=args.out)
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        run_sweep(sweep)
+        run_sweep(sweep, threads=args.threads)
         if args.report:
             from simulation.report import build_report
 

@@ -45,6 +45,9 @@ def test_report_builds_plots_and_tables(tmp_path):
     # Two seeds of eps=8 are averaged into one line; every method has its line.
     line = next(l for l in md.splitlines() if l.startswith("| federated | user-level per silo | 8.0"))
     assert "0.7500" in line and "| 2 |" in line
+    # The headline: mean ± sample sd over the two seeds, in points.
+    head = next(l for l in md.splitlines() if l.startswith("| federated | 8.0 |"))
+    assert "| 50.0 ± 0.9 | 75.0 ± 1.4 |" in head and head.endswith("| 2 |")
     for label in ("centralized", "local only", "popularity", "zero-shot", "federated + central DP",
                   "SASRec (centralized)"):
         assert f"| {label} |" in md

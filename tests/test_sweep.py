@@ -143,3 +143,5 @@ def test_a_sweep_runs_on_a_converted_dataset(tiny_bert, tmp_path):
     assert len(rows) == 3 and all(r["run-config"]["dataset"] == str(data.as_posix()) for r in rows)
     assert len({r["candidates"] for r in rows}) == 1  # every method scored on the same converted lists
     assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
+    # Each cell ran in its own process and measured its own peak memory.
+    assert all(0.0 < r["peak-rss-gb"] < 24.0 for r in rows)

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from uirl.atomic import atomic_dir
 from uirl.errors import UirlError
 
 CHECKPOINTS = "checkpoints"
@@ -56,8 +56,8 @@ def save_checkpoint(run_path: Path, server_round: int, arrays: dict[str, np.ndar
     base = Path(run_path) / CHECKPOINTS
     base.mkdir(parents=True, exist_ok=True)
     final = base / f"round-{server_round}"
-    tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".round-{server_round}.", suffix=".tmp"))
-    try:
+    # replace: a re-run of a round after a resume replaces the old copy
+    with atomic_dir(final, replace=True) as tmp:
         write_adapter(tmp / "adapter")
         save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, str(tmp / ARRAYS_FILE))
         state = {"round": server_round, "strategy": strategy, "rounds": rounds, "ledger": ledger}
@@ -65,12 +65,6 @@ def save_checkpoint(run_path: Path, server_round: int, arrays: dict[str, np.ndar
             json.dump(state, fh, indent=2, sort_keys=True, allow_nan=True)
             fh.flush()
             os.fsync(fh.fileno())
-        if final.exists():  # a re-run of a round after a resume replaces the old copy
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in complete_rounds(run_path)[:-keep]:
         shutil.rmtree(base / f"round-{old}", ignore_errors=True)
     for leftover in base.glob(".round-*.tmp"):

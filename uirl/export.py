@@ -11,12 +11,11 @@ directory (the same loader as ``uirl embed``: :func:`uirl.model.build.load_train
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from uirl.atomic import atomic_dir
 from uirl.errors import UirlError
 
 FILES = ("adapter_config.json", "adapter_model.safetensors", "interest_head.safetensors", "uirl_model.json")
@@ -145,18 +144,10 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
         raise UirlError(f"{out}: already exists; choose a new output directory")
     meta = json.loads((final / "uirl_model.json").read_text(encoding="utf-8"))
     card = model_card(run_dir, meta)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         for name in FILES:
             shutil.copy2(final / name, tmp / name)
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

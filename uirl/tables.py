@@ -46,10 +46,3 @@ def rich_table(rows: Sequence[dict[str, Any]], title: str = "uirl rounds") -> Ta
 
 def print_table(rows: Sequence[dict[str, Any]], title: str = "uirl rounds") -> None:
     Console(width=120).print(rich_table(rows, title))
-
-
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(name for _, name in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(key, row) for key, _ in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)

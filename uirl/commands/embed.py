@@ -14,8 +14,6 @@ data and are not protected by the training's differential privacy (only the mode
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from uirl.atomic import atomic_file
 from uirl.errors import UirlError
 
 if TYPE_CHECKING:  # torch, transformers and peft load only when the command runs (fast --help)
@@ -66,16 +65,8 @@ def load(args: argparse.Namespace) -> tuple[InterestModel, Config, list[tuple[Si
 
 def atomic_output(path: Path, write) -> None:
     """``write(temp_path)``, then rename over ``path``: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        write(tmp)
 
 
 def vectors_of(rep: UserRep) -> dict[str, np.ndarray]:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from uirl.atomic import atomic_dir, atomic_file, atomic_write_text
 from uirl.data.fixed_lists import STORED, FixedLists, apply_fixed_lists, stored_lists
 from uirl.data.fixed_split import impression_split, standard_split, user_codes
 from uirl.data.formats import amazon, mind, movielens, recbole, schema_files
@@ -129,11 +128,7 @@ def _write(table: pa.Table, path: Path) -> None:
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, directory / MANIFEST)
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def make_split(events: pa.Table, items: pa.Table, impressions: pa.Table | None, options: ConvertOptions,
@@ -177,8 +172,7 @@ def convert(fmt: str, input_path: str | os.PathLike, output_dir: str | os.PathLi
                         "target (at least 4 distinct positives)", file=str(source))
     users = _users(events, tables.items, tables.users, str(source))
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    with atomic_dir(output) as tmp:  # an existing output is empty (checked above)
         _write(tables.items, tmp / "items.parquet")
         _write(events, tmp / "events.parquet")
         _write(users, tmp / "user_attributes.parquet")
@@ -202,12 +196,6 @@ def convert(fmt: str, input_path: str | os.PathLike, output_dir: str | os.PathLi
         if tables.notes:
             manifest["notes"] = list(tables.notes)
         write_manifest(tmp, manifest)
-        if output.is_dir():
-            output.rmdir()  # empty (checked above)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -246,14 +234,8 @@ def resplit(directory: str | os.PathLike, options: ConvertOptions) -> dict:
     split = make_split(events, items, impressions, options, fixed)
     if len(split) == 0:
         raise DataError("no user has enough positive events with these options", file=str(root))
-    fd, tmp = tempfile.mkstemp(prefix=".split.", suffix=".parquet", dir=root)
-    os.close(fd)
-    try:
-        _write(split, Path(tmp))
-        os.replace(tmp, root / "split.parquet")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(root / "split.parquet") as tmp:
+        _write(split, tmp)
     manifest["options"] = {**manifest.get("options", {}), **asdict(options)}
     manifest["counts"]["evaluated-users"] = len(split)
     write_manifest(root, manifest)

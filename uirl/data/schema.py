@@ -21,7 +21,6 @@ import pandas as pd
 from uirl.errors import DataError
 
 ITEM_REQUIRED = ("item_id", "text")
-ITEM_OPTIONAL = ("category", "image")
 EVENT_REQUIRED = ("user_id", "item_id", "timestamp", "behavior")
 EVENT_OPTIONAL = ("value", "user_text", "silo")
 

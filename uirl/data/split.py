@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from uirl.atomic import atomic_file
 from uirl.data.schema import positive_mask
 from uirl.errors import DataError
 
@@ -173,17 +173,9 @@ def save_candidates(users: Sequence[UserData], path: str | os.PathLike) -> None:
     """Write users as JSONL (one user per line), atomically: a temp file in the same directory is
     renamed over ``path``, so readers see the old file or the whole new one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for user in users:
-                f.write(json.dumps(asdict(user), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for user in users:
+            f.write(json.dumps(asdict(user), ensure_ascii=False) + "\n")
 
 
 _FIELDS = ("user_id", "train_items", "valid_target", "test_target", "valid_candidates", "test_candidates")

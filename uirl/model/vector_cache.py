@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from uirl.atomic import atomic_file
 from uirl.model.batching import TextBank
 from uirl.model.interest import InterestModel
 
@@ -58,11 +58,8 @@ def load_catalogue_vectors(model: InterestModel, bank: TextBank, *, identity: st
             pass  # damaged: recompute and overwrite
     vectors = encode(model, bank, ids)
     table = torch.stack([vectors[i] for i in ids]).numpy().astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_file(path) as tmp, open(tmp, "wb") as fh:
             np.save(fh, table)
-        os.replace(tmp, path)
     except OSError:
-        Path(tmp).unlink(missing_ok=True)  # a read-only cache dir costs speed, never correctness
+        pass  # a read-only cache dir costs speed, never correctness

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from uirl.atomic import atomic_file, atomic_write_text
 from uirl.privacy.accountant import PrivacyError, PrivacyLedger
-from uirl.rundir import atomic_write_text
 
 FORMAT = "uirl-ledger/1"
 
@@ -103,15 +101,8 @@ class LedgerFile:
 
     def write(self, ledger_json: str, release: Release, arrays: dict[str, np.ndarray]) -> None:
         """Record a release: arrays first, then the ledger that accounts for them (both atomic)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.release_path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, tmp)
-            os.replace(tmp, self.release_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(self.release_path) as tmp:
+            save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, str(tmp))
         body = {"ledger": json.loads(ledger_json),
                 "release": {"run": release.run, "round": release.round, "input-digest": release.input_digest,
                             "update-digest": release.update_digest, "metrics": release.metrics}}
