@@ -211,3 +211,25 @@ def test_the_noisy_prior_shrinks_noise_made_hits_towards_zero():
     assert np.mean((shrunk - target) ** 2) < 0.5 * np.mean((plain - target) ** 2)
     assert np.all(np.diff(shrunk[np.argsort(noisy)]) >= -1e-6)  # monotone in the released count
     np.testing.assert_allclose(prior_from_counts(true), target.astype(np.float32), rtol=1e-6)
+
+
+@pytest.mark.parametrize("facets", [0, 3])
+def test_scores_are_cosines_over_temperature_without_a_normalised_copy(tiny_bert, facets):
+    """``score`` / the facet score divide dot products by the item norms instead of normalising
+    the items first (a catalogue-sized copy per user): the logits must be the cosines all the same."""
+    cfg = tiny_config(tiny_bert, **CACHED, facets=facets)
+    model, encoder = build_model(cfg)
+    dim = encoder.hidden_size
+    torch.manual_seed(0)
+    users, items = torch.randn(2, dim), torch.randn(2, 7, dim) * 3.0
+    unit_users = torch.nn.functional.normalize(users, dim=-1)
+    cos = torch.einsum("bd,bcd->bc", unit_users, torch.nn.functional.normalize(items, dim=-1))
+    if facets:
+        stacked = torch.stack([users, -users, users * 2], dim=1)  # (B, K, d): facet 0 and 2 align with users
+        got = model.facets.score(stacked, items, model.temperature)
+        every = torch.einsum("bkd,bcd->bkc", torch.nn.functional.normalize(stacked, dim=-1),
+                             torch.nn.functional.normalize(items, dim=-1)) / model.temperature
+        want = every.max(dim=1).values if model.facets.how == "max" else (torch.softmax(every, 1) * every).sum(1)
+    else:
+        got, want = model.score(unit_users, items), cos / model.temperature
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

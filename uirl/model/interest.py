@@ -28,7 +28,7 @@ from uirl.config import InterestConfig
 from uirl.data.views import BEHAVIOR_LABELS
 from uirl.model.encoder import Encoder
 from uirl.model.parts import (FacetHeads, FacetPooling, LevelHeads, TaskHeads, VaeHead, ViewFusion, masked_mean,
-                              ranking_loss)
+                              ranking_loss, unit_norms)
 from uirl.model.pooling import AttentionPooling, pool_tokens
 
 
@@ -167,8 +167,11 @@ class InterestModel(nn.Module):
         return F.normalize(vectors + self.item_proj(vectors), dim=-1)
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """(B, d) users x (B, C, d) items -> (B, C) logits."""
-        return torch.einsum("bd,bcd->bc", users, F.normalize(items, dim=-1)) / self.temperature
+        """(B, d) users x (B, C, d) items -> (B, C) logits: cos(user, item) / temperature for unit
+        users. Dividing the dot products by the item norms (rather than normalising the items first)
+        never materialises a normalised copy of ``items``: against a whole catalogue, that copy per
+        user was most of an evaluation's memory."""
+        return torch.einsum("bd,bcd->bc", users, items) / (unit_norms(items) * self.temperature)
 
     def score_rep(self, rep: UserRep, items: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """Candidate logits (B, C) from a :class:`UserRep`: the facets (with the top level as one

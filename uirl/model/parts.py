@@ -46,6 +46,11 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.
     return weights * mask.to(weights.dtype)
 
 
+def unit_norms(x: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (...) the norms ``F.normalize`` divides by (clamped at its eps, 1e-12)."""
+    return torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-12)
+
+
 def ranking_loss(users: torch.Tensor, items: torch.Tensor, temperature: float) -> torch.Tensor:
     """(B, d) users x (B, C, d) candidates (positive first) -> (B,) cross-entropy of the positive."""
     logits = torch.einsum("bd,bcd->bc", F.normalize(users, dim=-1), F.normalize(items, dim=-1)) / temperature
@@ -106,7 +111,8 @@ class FacetPooling(nn.Module):
     def score(self, facets: torch.Tensor, items: torch.Tensor, temperature: float) -> torch.Tensor:
         """(B, K, d) facets x (B, C, d) items -> (B, C) logits: the best facet (``max``) or the
         facets weighted by their softmax match with the item (``attention``)."""
-        cos = torch.einsum("bkd,bcd->bkc", F.normalize(facets, dim=-1), F.normalize(items, dim=-1)) / temperature
+        cos = torch.einsum("bkd,bcd->bkc", F.normalize(facets, dim=-1), items) / (
+            unit_norms(items).unsqueeze(1) * temperature)
         if self.how == "max":
             return cos.max(dim=1).values
         return (torch.softmax(cos, dim=1) * cos).sum(1)
