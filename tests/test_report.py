@@ -61,3 +61,16 @@ def test_report_builds_plots_and_tables(tmp_path):
 def test_report_without_results_fails_with_one_line(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("uirl: ")
+
+
+def test_candidate_lists_are_compared_within_a_seed(tmp_path):
+    """Seeds assign users to silos, so each seed has its own lists; within a seed they must agree."""
+    seed1 = {**_row("popularity", math.inf, 0.6, key="p1"), "candidates": "other"}
+    seed1["run-config"] = {**seed1["run-config"], "seed": 1}
+    rows = [_row("federated", 8.0, 0.7), _row("popularity", math.inf, 0.6), seed1]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert "same test candidate lists: yes" in (report.build_report(results) / "report.md").read_text()
+    rows.append({**_row("zero-shot", math.inf, 0.5), "candidates": "mismatch"})
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert "lists: NO (seed 0:" in (report.build_report(results) / "report.md").read_text()
