@@ -3,9 +3,10 @@
 Round 0 evaluates the untrained (zero-shot pretrained) model on every silo, so the table shows
 what federated training added. Each later round: silos train locally with user-level DP, the
 strategy (validated FedAvg, :mod:`server.strategy`) checks and averages their adapter updates,
-every silo evaluates the new global model, and the server writes a checkpoint of the round
-(:mod:`uirl.checkpoint`). With run-config ``resume`` the loop starts after the last complete
-checkpoint of that run instead of at round 1, so no round is lost or counted twice.
+every silo evaluates the new global model (every ``eval-every``-th round, and the last), and the
+server writes a checkpoint of the round (:mod:`uirl.checkpoint`). With run-config ``resume`` the
+loop starts after the last complete checkpoint of that run instead of at round 1, so no round is
+lost or counted twice.
 
 The loop is written out (rather than ``strategy.start``) so checkpoints and resume sit between
 rounds; the strategy object is built in one place (:func:`build_strategy`), where a wrapper
@@ -66,7 +67,11 @@ class _Recorder:
                                       "silos-trained": len(accepted), "silos-replied": len(per_silo)}
 
     def on_evaluate(self, server_round: int, per_silo: list[dict], aggregated: dict) -> None:
-        row = {"round": server_round, **self.pending.pop(server_round, {}), **aggregated,
+        self.finish_round(server_round, aggregated)
+
+    def finish_round(self, server_round: int, evaluated: dict) -> None:
+        """Write and print the round's row (``evaluated`` is empty in a round without evaluation)."""
+        row = {"round": server_round, **self.pending.pop(server_round, {}), **evaluated,
                "seconds": round(time.time() - self.t0, 1)}
         row.pop("num-examples", None)
         row.pop("silo", None)  # an average of silo ids means nothing
@@ -107,6 +112,12 @@ def _start(cfg: Config, initial: dict[str, np.ndarray]) -> tuple[RunDirectory, i
     return run, ckpt.round, ckpt.arrays
 
 
+def _evaluates(cfg: Config, server_round: int) -> bool:
+    """Round 0, every ``eval-every``-th round and the last round evaluate (as the in-process engine)."""
+    fed = cfg.federation
+    return server_round in (0, fed.num_rounds) or server_round % fed.eval_every == 0
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
@@ -124,10 +135,16 @@ def main(grid: Grid, context: Context) -> None:
         model.load_adapter_state(values)
         save_adapter(model, directory, meta={"base-model": encoder.model_name, "run-config": to_run_config(cfg)})
 
-    if done == 0:  # round 0: the pretrained model before any federated training
-        replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, ConfigRecord(), grid),
+    def evaluate(server_round: int) -> None:
+        if not _evaluates(cfg, server_round):
+            recorder.finish_round(server_round, {})
+            return
+        replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
                                         timeout=REPLY_TIMEOUT)
-        strategy.aggregate_evaluate(0, replies)
+        strategy.aggregate_evaluate(server_round, replies)
+
+    if done == 0:  # round 0: the pretrained model before any federated training
+        evaluate(0)
     for server_round in range(done + 1, fed.num_rounds + 1):
         train_config = ConfigRecord({"run-name": run.path.name, "silo-rounds": _silo_rounds(run.ledger)})
         if fed.secagg:
@@ -139,9 +156,7 @@ def main(grid: Grid, context: Context) -> None:
             aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
             arrays = aggregated
-        replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-                                        timeout=REPLY_TIMEOUT)
-        strategy.aggregate_evaluate(server_round, replies)
+        evaluate(server_round)
         values = _to_numpy(arrays)
         save_checkpoint(run.path, server_round, values,
                         strategy={"name": type(strategy).__name__, "secagg": fed.secagg},
