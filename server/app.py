@@ -6,7 +6,8 @@ strategy (validated FedAvg, :mod:`server.strategy`) checks and averages their ad
 every silo evaluates the new global model (every ``eval-every``-th round, and the last), and the
 server writes a checkpoint of the round (:mod:`uirl.checkpoint`). With run-config ``resume`` the
 loop starts after the last complete checkpoint of that run instead of at round 1, so no round is
-lost or counted twice.
+lost or counted twice. With ``popularity-prior`` each silo first releases its item counts once
+(:mod:`server.popularity`), and the prior built from them goes out with every message.
 
 The loop is written out (rather than ``strategy.start``) so checkpoints and resume sit between
 rounds; the strategy object is built in one place (:func:`build_strategy`), where a wrapper
@@ -25,6 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from server.popularity import release_prior
 from server.secagg import secagg_train
 from server.strategy import ValidatingFedAvg, with_central_dp
 from uirl.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
@@ -40,6 +42,11 @@ app = ServerApp()
 REPLY_TIMEOUT = 3600.0
 
 
+#: The privacy numbers of a silo's reply that go to ``privacy.jsonl``.
+_PRIVACY_KEYS = ("status", "epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate", "steps",
+                 "rounds-trained", "release-noise", "accepted", "rejected", "replayed", "error")
+
+
 class _Recorder:
     """Collects per-silo replies into one row per round, prints it, writes the run directory."""
 
@@ -48,22 +55,30 @@ class _Recorder:
         self.pending: dict[int, dict] = {}
         self.t0 = time.time()
 
+    def _record_privacy(self, server_round: int, per_silo: list[dict]) -> None:
+        for m in per_silo:
+            silo = str(int(m.get("silo", -1)))
+            previous = self.run.ledger.get(silo, {})
+            row = {k: m[k] for k in _PRIVACY_KEYS if k in m}
+            # A refusal carries no ledger numbers: keep the last known ones (what the silo has spent).
+            self.run.record_privacy(server_round, silo, {**{k: v for k, v in previous.items() if k != "round"}, **row})
+
+    @staticmethod
+    def _epsilons(per_silo: list[dict]) -> dict[str, float]:
+        eps = {f"epsilon/silo-{int(m.get('silo', -1))}": m.get("epsilon", math.inf) for m in per_silo}
+        return {"epsilon": max(eps.values(), default=math.nan), **dict(sorted(eps.items()))}
+
+    def on_release(self, per_silo: list[dict]) -> None:
+        """The popularity release, before round 0: each silo's epsilon after it (shown in round 0's row)."""
+        self._record_privacy(0, per_silo)
+        self.pending[0] = self._epsilons(per_silo)
+
     def on_train(self, server_round: int, per_silo: list[dict]) -> None:
         accepted = [m for m in per_silo if m.get("accepted")]
         users = sum(m.get("num-examples", 0.0) for m in accepted)
         loss = sum(m["train-loss"] * m["num-examples"] for m in accepted) / users if users else math.nan
-        eps = {}
-        for m in per_silo:
-            silo = str(int(m.get("silo", -1)))
-            eps[f"epsilon/silo-{silo}"] = m.get("epsilon", math.inf)
-            previous = self.run.ledger.get(silo, {})
-            row = {k: m.get(k) for k in ("status", "epsilon", "delta", "target-epsilon", "noise-multiplier",
-                                         "sample-rate", "steps", "rounds-trained", "accepted", "rejected",
-                                         "replayed", "error") if k in m}
-            # A refusal carries no ledger numbers: keep the last known ones (what the silo has spent).
-            self.run.record_privacy(server_round, silo, {**{k: v for k, v in previous.items() if k != "round"}, **row})
-        self.pending[server_round] = {"train-loss": loss, "epsilon": max(eps.values(), default=math.nan),
-                                      **dict(sorted(eps.items())),
+        self._record_privacy(server_round, per_silo)
+        self.pending[server_round] = {"train-loss": loss, **self._epsilons(per_silo),
                                       "silos-trained": len(accepted), "silos-replied": len(per_silo)}
 
     def on_evaluate(self, server_round: int, per_silo: list[dict], aggregated: dict) -> None:
@@ -79,11 +94,11 @@ class _Recorder:
         print(round_line(row), flush=True)
 
 
-def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder) -> Strategy:
+def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder, prior: np.ndarray | None) -> Strategy:
     fed = cfg.federation
     strategy = ValidatingFedAvg(
         trainable=trainable, max_update_norm=fed.max_update_norm,
-        on_train=recorder.on_train, on_evaluate=recorder.on_evaluate,
+        on_train=recorder.on_train, on_evaluate=recorder.on_evaluate, prior=prior,
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=2 if fed.secagg else 1, min_evaluate_nodes=1, min_available_nodes=fed.min_nodes)
     return with_central_dp(strategy, cfg)
@@ -118,6 +133,15 @@ def _evaluates(cfg: Config, server_round: int) -> bool:
     return server_round in (0, fed.num_rounds) or server_round % fed.eval_every == 0
 
 
+def _prior(grid: Grid, cfg: Config, run: RunDirectory, recorder: _Recorder) -> np.ndarray | None:
+    """The run's popularity prior: released by the silos on a fresh run, read back on a resumed one."""
+    if not cfg.model.popularity_prior:
+        return None
+    if cfg.federation.resume:
+        return run.load_prior()
+    return release_prior(grid, cfg, run, on_release=recorder.on_release, timeout=REPLY_TIMEOUT)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
@@ -128,7 +152,7 @@ def main(grid: Grid, context: Context) -> None:
     announce(run.path, run_id=context.run_id)
     print(f"uirl: run directory {run.path}", flush=True)
     recorder = _Recorder(run)
-    strategy = build_strategy(cfg, set(model.trainable_state()), recorder)
+    strategy = build_strategy(cfg, set(model.trainable_state()), recorder, _prior(grid, cfg, run, recorder))
     arrays = ArrayRecord({name: Array(value) for name, value in state.items()})
 
     def write_adapter(directory, values: dict[str, np.ndarray]) -> None:
