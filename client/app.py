@@ -6,16 +6,23 @@ the update leaves the silo (see :mod:`uirl.privacy.ledger_file`). A refusal carr
 the reply's ``error`` config record, next to the numeric ``status`` metric. In runs with ``secagg``
 the same round's update leaves the silo only masked, through Flower's SecAgg+ mod
 (:mod:`client.secagg`).
+
+With ``popularity-prior`` the server first sends a query (action :data:`~uirl.federated.RELEASE_ACTION`,
+see :mod:`server.popularity`): the silo releases its item counts once, recorded in the same ledger
+its DP-SGD steps later compose with. Every later train and evaluate message carries the prior the
+server built, next to the adapter arrays.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.secagg import secagg_train, secagg_when_configured
 from uirl.config import Config, SiloConfig, from_run_config, silo_from_node_config
-from uirl.federated import local_evaluate, local_train_durable
+from uirl.federated import (COUNTS_ARRAY, PRIOR_ARRAY, RELEASE_ACTION, local_evaluate, local_release_durable,
+                            local_train_durable)
 
 app = ClientApp(mods=[secagg_when_configured])
 
@@ -24,6 +31,12 @@ _LEDGER = "uirl-privacy"
 
 def _global_state(msg: Message) -> dict:
     return {name: array.numpy() for name, array in msg.content["arrays"].items()}
+
+
+def _split_prior(received: dict) -> tuple[dict, np.ndarray | None]:
+    """(the adapter state, the popularity prior or None): the prior travels among the arrays."""
+    state = dict(received)
+    return state, state.pop(PRIOR_ARRAY, None)
 
 
 def _state_ledger(context: Context) -> str | None:
@@ -40,15 +53,39 @@ def _expected_rounds(config: ConfigRecord, silo: int) -> int:
     return 0
 
 
-def _train_round(cfg: Config, silo: SiloConfig, context: Context, global_state: dict, config
+def _keep_ledger(context: Context, ledger: str | None) -> None:
+    if ledger is not None:
+        context.state[_LEDGER] = ConfigRecord({"ledger": ledger})
+
+
+def _train_round(cfg: Config, silo: SiloConfig, context: Context, received: dict, config
                  ) -> tuple[dict | None, dict[str, float], str | None]:
+    global_state, prior = _split_prior(received)
     arrays, metrics, ledger, error = local_train_durable(
         cfg, silo, global_state, ledger_json=_state_ledger(context),
         run=str(config.get("run-name", "")), server_round=int(config["server-round"]),
-        expected_rounds=_expected_rounds(config, silo.partition_id))
-    if ledger is not None:
-        context.state[_LEDGER] = ConfigRecord({"ledger": ledger})
+        expected_rounds=_expected_rounds(config, silo.partition_id), prior=prior)
+    _keep_ledger(context, ledger)
     return arrays, metrics, error
+
+
+def _reply(msg: Message, arrays: dict | None, metrics: dict[str, float], error: str | None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if error is not None:
+        content["error"] = ConfigRecord({"message": error})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({name: Array(value) for name, value in arrays.items()})
+    return Message(content=content, reply_to=msg)
+
+
+@app.query(RELEASE_ACTION)
+def release(msg: Message, context: Context) -> Message:
+    """The silo's one popularity release of the run (noised and in its ledger under DP)."""
+    cfg = from_run_config(context.run_config)
+    silo = silo_from_node_config(context.node_config)
+    counts, metrics, ledger, error = local_release_durable(cfg, silo, ledger_json=_state_ledger(context))
+    _keep_ledger(context, ledger)
+    return _reply(msg, None if counts is None else {COUNTS_ARRAY: counts}, metrics, error)
 
 
 @app.train()
@@ -58,17 +95,13 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.federation.secagg:  # the update leaves only masked (client/secagg.py)
         return secagg_train(msg, cfg, lambda state, config: _train_round(cfg, silo, context, state, config))
     arrays, metrics, error = _train_round(cfg, silo, context, _global_state(msg), msg.content["config"])
-    content = RecordDict({"metrics": MetricRecord(metrics)})
-    if error is not None:
-        content["error"] = ConfigRecord({"message": error})
-    if arrays is not None:
-        content["arrays"] = ArrayRecord({name: Array(value) for name, value in arrays.items()})
-    return Message(content=content, reply_to=msg)
+    return _reply(msg, arrays, metrics, error)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config)
     silo = silo_from_node_config(context.node_config)
-    metrics = local_evaluate(cfg, silo, _global_state(msg))
+    global_state, prior = _split_prior(_global_state(msg))
+    metrics = local_evaluate(cfg, silo, global_state, prior=prior)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

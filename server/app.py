@@ -3,9 +3,11 @@
 Round 0 evaluates the untrained (zero-shot pretrained) model on every silo, so the table shows
 what federated training added. Each later round: silos train locally with user-level DP, the
 strategy (validated FedAvg, :mod:`server.strategy`) checks and averages their adapter updates,
-every silo evaluates the new global model, and the server writes a checkpoint of the round
-(:mod:`uirl.checkpoint`). With run-config ``resume`` the loop starts after the last complete
-checkpoint of that run instead of at round 1, so no round is lost or counted twice.
+every silo evaluates the new global model (every ``eval-every``-th round, and the last), and the
+server writes a checkpoint of the round (:mod:`uirl.checkpoint`). With run-config ``resume`` the
+loop starts after the last complete checkpoint of that run instead of at round 1, so no round is
+lost or counted twice. With ``popularity-prior`` each silo first releases its item counts once
+(:mod:`server.popularity`), and the prior built from them goes out with every message.
 
 The loop is written out (rather than ``strategy.start``) so checkpoints and resume sit between
 rounds; the strategy object is built in one place (:func:`build_strategy`), where a wrapper
@@ -24,6 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from server.popularity import release_prior
 from server.secagg import secagg_train
 from server.strategy import ValidatingFedAvg, with_central_dp
 from uirl.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
@@ -39,6 +42,11 @@ app = ServerApp()
 REPLY_TIMEOUT = 3600.0
 
 
+#: The privacy numbers of a silo's reply that go to ``privacy.jsonl``.
+_PRIVACY_KEYS = ("status", "epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate", "steps",
+                 "rounds-trained", "release-noise", "accepted", "rejected", "replayed", "error")
+
+
 class _Recorder:
     """Collects per-silo replies into one row per round, prints it, writes the run directory."""
 
@@ -47,26 +55,38 @@ class _Recorder:
         self.pending: dict[int, dict] = {}
         self.t0 = time.time()
 
+    def _record_privacy(self, server_round: int, per_silo: list[dict]) -> None:
+        for m in per_silo:
+            silo = str(int(m.get("silo", -1)))
+            previous = self.run.ledger.get(silo, {})
+            row = {k: m[k] for k in _PRIVACY_KEYS if k in m}
+            # A refusal carries no ledger numbers: keep the last known ones (what the silo has spent).
+            self.run.record_privacy(server_round, silo, {**{k: v for k, v in previous.items() if k != "round"}, **row})
+
+    @staticmethod
+    def _epsilons(per_silo: list[dict]) -> dict[str, float]:
+        eps = {f"epsilon/silo-{int(m.get('silo', -1))}": m.get("epsilon", math.inf) for m in per_silo}
+        return {"epsilon": max(eps.values(), default=math.nan), **dict(sorted(eps.items()))}
+
+    def on_release(self, per_silo: list[dict]) -> None:
+        """The popularity release, before round 0: each silo's epsilon after it (shown in round 0's row)."""
+        self._record_privacy(0, per_silo)
+        self.pending[0] = self._epsilons(per_silo)
+
     def on_train(self, server_round: int, per_silo: list[dict]) -> None:
         accepted = [m for m in per_silo if m.get("accepted")]
         users = sum(m.get("num-examples", 0.0) for m in accepted)
         loss = sum(m["train-loss"] * m["num-examples"] for m in accepted) / users if users else math.nan
-        eps = {}
-        for m in per_silo:
-            silo = str(int(m.get("silo", -1)))
-            eps[f"epsilon/silo-{silo}"] = m.get("epsilon", math.inf)
-            previous = self.run.ledger.get(silo, {})
-            row = {k: m.get(k) for k in ("status", "epsilon", "delta", "target-epsilon", "noise-multiplier",
-                                         "sample-rate", "steps", "rounds-trained", "accepted", "rejected",
-                                         "replayed", "error") if k in m}
-            # A refusal carries no ledger numbers: keep the last known ones (what the silo has spent).
-            self.run.record_privacy(server_round, silo, {**{k: v for k, v in previous.items() if k != "round"}, **row})
-        self.pending[server_round] = {"train-loss": loss, "epsilon": max(eps.values(), default=math.nan),
-                                      **dict(sorted(eps.items())),
+        self._record_privacy(server_round, per_silo)
+        self.pending[server_round] = {"train-loss": loss, **self._epsilons(per_silo),
                                       "silos-trained": len(accepted), "silos-replied": len(per_silo)}
 
     def on_evaluate(self, server_round: int, per_silo: list[dict], aggregated: dict) -> None:
-        row = {"round": server_round, **self.pending.pop(server_round, {}), **aggregated,
+        self.finish_round(server_round, aggregated)
+
+    def finish_round(self, server_round: int, evaluated: dict) -> None:
+        """Write and print the round's row (``evaluated`` is empty in a round without evaluation)."""
+        row = {"round": server_round, **self.pending.pop(server_round, {}), **evaluated,
                "seconds": round(time.time() - self.t0, 1)}
         row.pop("num-examples", None)
         row.pop("silo", None)  # an average of silo ids means nothing
@@ -74,11 +94,11 @@ class _Recorder:
         print(round_line(row), flush=True)
 
 
-def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder) -> Strategy:
+def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder, prior: np.ndarray | None) -> Strategy:
     fed = cfg.federation
     strategy = ValidatingFedAvg(
         trainable=trainable, max_update_norm=fed.max_update_norm,
-        on_train=recorder.on_train, on_evaluate=recorder.on_evaluate,
+        on_train=recorder.on_train, on_evaluate=recorder.on_evaluate, prior=prior,
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=2 if fed.secagg else 1, min_evaluate_nodes=1, min_available_nodes=fed.min_nodes)
     return with_central_dp(strategy, cfg)
@@ -107,6 +127,21 @@ def _start(cfg: Config, initial: dict[str, np.ndarray]) -> tuple[RunDirectory, i
     return run, ckpt.round, ckpt.arrays
 
 
+def _evaluates(cfg: Config, server_round: int) -> bool:
+    """Round 0, every ``eval-every``-th round and the last round evaluate (as the in-process engine)."""
+    fed = cfg.federation
+    return server_round in (0, fed.num_rounds) or server_round % fed.eval_every == 0
+
+
+def _prior(grid: Grid, cfg: Config, run: RunDirectory, recorder: _Recorder) -> np.ndarray | None:
+    """The run's popularity prior: released by the silos on a fresh run, read back on a resumed one."""
+    if not cfg.model.popularity_prior:
+        return None
+    if cfg.federation.resume:
+        return run.load_prior()
+    return release_prior(grid, cfg, run, on_release=recorder.on_release, timeout=REPLY_TIMEOUT)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
@@ -117,17 +152,23 @@ def main(grid: Grid, context: Context) -> None:
     announce(run.path, run_id=context.run_id)
     print(f"uirl: run directory {run.path}", flush=True)
     recorder = _Recorder(run)
-    strategy = build_strategy(cfg, set(model.trainable_state()), recorder)
+    strategy = build_strategy(cfg, set(model.trainable_state()), recorder, _prior(grid, cfg, run, recorder))
     arrays = ArrayRecord({name: Array(value) for name, value in state.items()})
 
     def write_adapter(directory, values: dict[str, np.ndarray]) -> None:
         model.load_adapter_state(values)
         save_adapter(model, directory, meta={"base-model": encoder.model_name, "run-config": to_run_config(cfg)})
 
-    if done == 0:  # round 0: the pretrained model before any federated training
-        replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, ConfigRecord(), grid),
+    def evaluate(server_round: int) -> None:
+        if not _evaluates(cfg, server_round):
+            recorder.finish_round(server_round, {})
+            return
+        replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
                                         timeout=REPLY_TIMEOUT)
-        strategy.aggregate_evaluate(0, replies)
+        strategy.aggregate_evaluate(server_round, replies)
+
+    if done == 0:  # round 0: the pretrained model before any federated training
+        evaluate(0)
     for server_round in range(done + 1, fed.num_rounds + 1):
         train_config = ConfigRecord({"run-name": run.path.name, "silo-rounds": _silo_rounds(run.ledger)})
         if fed.secagg:
@@ -139,9 +180,7 @@ def main(grid: Grid, context: Context) -> None:
             aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
             arrays = aggregated
-        replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-                                        timeout=REPLY_TIMEOUT)
-        strategy.aggregate_evaluate(server_round, replies)
+        evaluate(server_round)
         values = _to_numpy(arrays)
         save_checkpoint(run.path, server_round, values,
                         strategy={"name": type(strategy).__name__, "secagg": fed.secagg},

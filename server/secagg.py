@@ -7,13 +7,14 @@ aggregate (``aggregate_fit``). This module runs that workflow for the *training 
 and nothing else, so round 0, evaluation, checkpoints, resume and the run directory stay the
 ServerApp's own loop.
 
-What travels: the server sends the full global adapter state (arrays in name order, the names in the
-config). Each silo trains as usual and hands SecAgg+ its *update delta* (new minus global, trainable
-arrays only) weighted by its user count; a silo that refuses to train contributes a zero delta with
-weight 0. SecAgg+ quantizes each weighted entry after clipping it to ``+-secagg-clip`` and masks it,
-so the server unmasks only ``sum(users_i * delta_i) / sum(users_i)`` -- FedAvg's result, up to the
-quantization error. Per-silo metrics (training loss, the privacy-ledger numbers, a refusal's
-reason) still travel in the clear next to the masked vector.
+What travels: the server sends the full global adapter state, plus the popularity prior when the
+run has one (arrays in name order, the names in the config). Each silo trains as usual and hands
+SecAgg+ its *update delta* (new minus global, trainable arrays only) weighted by its user count; a
+silo that refuses to train contributes a zero delta with weight 0. SecAgg+ quantizes each weighted
+entry after clipping it to ``+-secagg-clip`` and masks it, so the server unmasks only
+``sum(users_i * delta_i) / sum(users_i)`` -- FedAvg's result, up to the quantization error.
+Per-silo metrics (training loss, the privacy-ledger numbers, a refusal's reason) still travel in
+the clear next to the masked vector.
 
 Because no single update is ever visible, the per-update checks of :class:`ValidatingFedAvg` cannot
 run. The mean is checked instead: finite, and within ``max-update-norm`` of the global model (a mean
@@ -53,10 +54,10 @@ DELTA_NAMES = "delta-names"
 class _MeanDelta(Strategy):
     """The legacy strategy SecAgg+ drives: fixed silos in, the unmasked mean delta out."""
 
-    def __init__(self, node_ids: list[int], global_state: dict[str, np.ndarray], delta_names: list[str],
+    def __init__(self, node_ids: list[int], sent: dict[str, np.ndarray], delta_names: list[str],
                  config: dict[str, Scalar]) -> None:
         self.node_ids = node_ids
-        self.global_state = global_state
+        self.sent = sent  # what each silo receives: the global state (and the popularity prior)
         self.delta_names = delta_names
         self.config = config
         self.mean_delta: list[np.ndarray] | None = None
@@ -67,8 +68,8 @@ class _MeanDelta(Strategy):
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
-        names = sorted(self.global_state)
-        fitins = FitIns(ndarrays_to_parameters([self.global_state[n] for n in names]),
+        names = sorted(self.sent)
+        fitins = FitIns(ndarrays_to_parameters([self.sent[n] for n in names]),
                         {**self.config, ARRAY_NAMES: ",".join(names), DELTA_NAMES: ",".join(self.delta_names)})
         proxies = client_manager.all()
         return [(proxies[str(nid)], fitins) for nid in self.node_ids]
@@ -116,7 +117,8 @@ def secagg_train(grid: Grid, context: Context, cfg: Config, strategy: Validating
     node_ids = [m.metadata.dst_node_id for m in messages]
     global_state = {name: np.asarray(a.numpy()) for name, a in arrays.items()}
     delta_names = sorted(strategy.trainable)
-    legacy = _MeanDelta(node_ids, global_state, delta_names,
+    sent = {name: np.asarray(a.numpy()) for name, a in strategy.with_prior(arrays).items()}
+    legacy = _MeanDelta(node_ids, sent, delta_names,
                         {**dict(train_config), "server-round": server_round})
     manager = SimpleClientManager()
     for nid in node_ids:

@@ -6,7 +6,9 @@ Flower's FedAvg does the averaging; this subclass adds what a coordinator of sil
 - an update must carry exactly the trainable arrays with the global model's shapes and dtypes,
   all finite, and change the model by at most ``max_update_norm`` (L2), or it is rejected;
 - frozen adapter parts (FFA-LoRA's A matrices) are kept from the global model;
-- per-silo training/evaluation metrics are handed to ``on_train`` / ``on_evaluate`` callbacks.
+- per-silo training/evaluation metrics are handed to ``on_train`` / ``on_evaluate`` callbacks;
+- the popularity prior, when the run has one, travels next to the adapter arrays in every train
+  and evaluate message (under :data:`~uirl.federated.PRIOR_ARRAY`) and is never aggregated.
 
 :class:`TrainableCentralDP` adds Flower's client-level central DP on top (run config ``central-dp``).
 """
@@ -25,7 +27,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from uirl.aggregation import UpdateRejected, check_update
 from uirl.config import Config
 from uirl.engine import central_noise
-from uirl.federated import STATUS_OK
+from uirl.federated import PRIOR_ARRAY, STATUS_OK
 from uirl.privacy.central import central_epsilon
 
 
@@ -36,18 +38,29 @@ def _as_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 class ValidatingFedAvg(FedAvg):
     def __init__(self, *, trainable: set[str], max_update_norm: float,
                  on_train: Callable[[int, list[dict]], None], on_evaluate: Callable[[int, list[dict], dict], None],
-                 **kwargs) -> None:
+                 prior: np.ndarray | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.trainable = trainable
         self.max_update_norm = max_update_norm
         self.on_train = on_train
         self.on_evaluate = on_evaluate
+        self.prior = prior
         self._global: dict[str, np.ndarray] = {}
+
+    def with_prior(self, arrays: ArrayRecord) -> ArrayRecord:
+        """What a silo receives: the global arrays, plus the popularity prior if the run has one."""
+        if self.prior is None:
+            return arrays
+        return ArrayRecord({**dict(arrays.items()), PRIOR_ARRAY: Array(self.prior)})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         self._global = _as_numpy(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round, self.with_prior(arrays), config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        return super().configure_evaluate(server_round, self.with_prior(arrays), config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

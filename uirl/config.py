@@ -254,6 +254,14 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
 
+    def __post_init__(self) -> None:
+        # Without DP each silo releases its exact item counts, one silo at a time: exactly what a
+        # run that asks for SecAgg+ means to keep from the server.
+        _check(not (self.model.popularity_prior and self.federation.secagg and not self.privacy.enabled),
+               "popularity-prior", self.model.popularity_prior,
+               "false with secagg when dp is off (each silo would send the server its exact item counts "
+               "in the clear); turn dp on or popularity-prior off")
+
 
 # run-config key -> (section, field). Every key here is documented in the README table.
 _KEYS: dict[str, tuple[str, str]] = {

@@ -34,14 +34,23 @@ STATUS_OK = 0
 STATUS_BUDGET_EXHAUSTED = 1
 STATUS_LEDGER_ERROR = 2  # the silo's ledger is corrupt or missing where it must exist: fail closed
 STATUS_REPLAY_REFUSED = 3  # asked again for a round already released, with a different global model
+STATUS_UNSUPPORTED = 4  # asked for something this silo's configuration cannot do safely (the reply says why)
+
+# Wire names shared by server/app.py and client/app.py (defined here because uirl/ never imports Flower).
+#: The ClientApp's query action for the silo's one popularity release (message type ``query.<action>``).
+RELEASE_ACTION = "popularity_release"
+#: The silo's released popularity counts, in the release reply's ArrayRecord.
+COUNTS_ARRAY = "uirl.popularity-counts"
+#: The server's popularity prior, next to the adapter arrays in every train and evaluate message.
+PRIOR_ARRAY = "uirl.popularity-prior"
 
 TRAIN_METRICS = frozenset({"num-examples", "silo", "status", "train-loss", "steps", "users-sampled",
                            "epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate",
                            "rounds-trained", "replayed"})
 EVAL_METRICS = frozenset({"num-examples", "silo", "auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10",
                           "full/recall@10", "full/recall@20", "full/ndcg@10", "full/ndcg@20"})
-RELEASE_METRICS = frozenset({"num-examples", "silo", "status", "epsilon", "delta", "noise-multiplier",
-                             "release-noise"})
+RELEASE_METRICS = frozenset({"num-examples", "silo", "status", "epsilon", "delta", "target-epsilon",
+                             "noise-multiplier", "sample-rate", "rounds-trained", "release-noise"})
 
 
 @dataclass
@@ -142,6 +151,26 @@ def local_release(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None
         ledger.to_json()
 
 
+def local_release_durable(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None
+                          ) -> tuple[np.ndarray | None, dict[str, float], str | None, str | None]:
+    """:func:`local_release` as the ClientApp calls it: never a release the silo's ledger does not record.
+
+    ``ledger_json`` is the ledger the node's state holds, the same one :func:`local_train_durable`
+    continues from, so the release composes with the silo's later DP-SGD steps. A silo that keeps
+    its ledger in a file (``ledger-path``) refuses under DP: the file does not record releases yet.
+    Returns (counts or None if refused, metrics, new ledger JSON, error message saying why it refused).
+    """
+    if cfg.privacy.enabled and silo_cfg.ledger_path:
+        return None, {"status": float(STATUS_UNSUPPORTED), "silo": float(silo_cfg.partition_id)}, None, (
+            "popularity-prior is not supported yet for a silo with a ledger-path (its ledger file does not "
+            "record the release); run without popularity-prior")
+    counts, metrics, new_ledger_json = local_release(cfg, silo_cfg, ledger_json=ledger_json)
+    if counts is None:
+        return None, metrics, new_ledger_json, ("this silo already released its popularity counts in this run; "
+                                                "refusing to release twice")
+    return counts, metrics, new_ledger_json, None
+
+
 def _privacy_metrics(ledger: PrivacyLedger | None) -> dict[str, float]:
     if ledger is None:
         return {"epsilon": float("inf"), "delta": 0.0, "noise-multiplier": 0.0}
@@ -184,14 +213,16 @@ def _refuse(status: int, why: str, silo_cfg: SiloConfig) -> tuple[None, dict[str
 
 
 def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray], *,
-                        ledger_json: str | None, run: str, server_round: int, expected_rounds: int = 0
+                        ledger_json: str | None, run: str, server_round: int, expected_rounds: int = 0,
+                        prior: np.ndarray | None = None
                         ) -> tuple[dict[str, np.ndarray] | None, dict[str, float], str | None, str | None]:
     """:func:`local_train` with the silo's ledger kept durably (node config ``ledger-path``).
 
     ``ledger_json`` is the ledger the node's own state holds (simulation); the ledger file, when
     the silo has one, takes precedence. ``expected_rounds`` is how many rounds the server has
     recorded this silo as having trained (after a resume): a ledger showing fewer means the silo
-    has lost what it spent, so it refuses. Returns (arrays, metrics, new ledger JSON, error message);
+    has lost what it spent, so it refuses. ``prior`` is the server's popularity prior (as for
+    :func:`local_train`). Returns (arrays, metrics, new ledger JSON, error message);
     arrays is None when the silo refuses, and the error message then says why.
     See :mod:`uirl.privacy.ledger_file` for the replay/refuse rule.
     """
@@ -220,7 +251,7 @@ def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[st
                        f"{release.round} was released (with another global model); refusing to release twice",
                        silo_cfg)
     arrays, metrics, new_ledger_json = local_train(cfg, silo_cfg, global_state, ledger_json=ledger_json,
-                                                   server_round=server_round)
+                                                   server_round=server_round, prior=prior)
     metrics = {**metrics, "replayed": 0.0}  # every reply carries the same keys (FedAvg requires it)
     if file is not None and arrays is not None and new_ledger_json is not None:
         file.write(new_ledger_json, Release(run=run, round=server_round, input_digest=digest,

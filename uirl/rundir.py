@@ -4,6 +4,8 @@
 - ``metrics.jsonl``/``.csv``   one row per round: training loss, evaluation metrics, max epsilon
 - ``privacy.jsonl``           one row per silo per round: epsilon, delta, noise, sample rate, steps, status
 - ``privacy_ledger.json``     the latest privacy state of every silo (what an auditor checks)
+- ``popularity_prior.npy``    the popularity prior built from the silos' releases (``popularity-prior``),
+                              what a resumed run sends again instead of asking the silos twice
 - ``checkpoints/round-<r>/``  the last rounds' checkpoints (see :mod:`uirl.checkpoint`)
 - ``final/``                  the final global adapter in PEFT format + the interest head
 - ``flower.log``              Flower's output of the run (written by ``uirl run`` / ``uirl deploy``)
@@ -22,8 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from uirl.atomic import atomic_write_text
+import numpy as np
 
+from uirl.atomic import atomic_write_bytes, atomic_write_text
+from uirl.errors import UirlError
 
 
 #: Environment variable naming a file in which the ServerApp records the run directory it writes
@@ -37,6 +41,10 @@ def announce(path: Path, *, run_id: int | None = None) -> None:
     target = os.environ.get(RUN_INFO_ENV)
     if target:
         atomic_write_text(Path(target), json.dumps({"run-dir": str(Path(path).resolve()), "run-id": run_id}) + "\n")
+
+
+#: The popularity prior of a run, next to ``final/``.
+PRIOR_FILE = "popularity_prior.npy"
 
 
 def new_run_name() -> str:
@@ -100,3 +108,17 @@ class RunDirectory:
         self._append("privacy.jsonl", {"round": server_round, "silo": silo, **row})
         self.ledger[silo] = {"round": server_round, **row}
         atomic_write_text(self.path / "privacy_ledger.json", json.dumps(self.ledger, indent=2, sort_keys=True) + "\n")
+
+    def save_prior(self, prior: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(prior, dtype=np.float32), allow_pickle=False)
+        atomic_write_bytes(self.path / PRIOR_FILE, buf.getvalue())
+
+    def load_prior(self) -> np.ndarray:
+        """The prior saved by :meth:`save_prior` (a resumed run sends the same one)."""
+        path = self.path / PRIOR_FILE
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UirlError(f"{path}: cannot read the run's popularity prior ({exc}); "
+                            "a run with popularity-prior resumes only with it") from None

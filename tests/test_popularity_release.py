@@ -1,0 +1,172 @@
+"""The private popularity prior under Flower: the silo's release through the ClientApp's query
+handler (once, in the ledger its DP-SGD steps compose with), the server's collection of the
+releases, the refusals, and one real `flwr run` with the prior and DP on."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import app as client_app
+from helpers import tiny_config
+from server.popularity import RELEASE_MESSAGE, PriorError, _Reply, _same_catalogue, release_prior
+from uirl.config import SiloConfig, from_run_config, silo_from_node_config, to_run_config
+from uirl.errors import ConfigError
+from uirl.federated import (COUNTS_ARRAY, PRIOR_ARRAY, RELEASE_METRICS, STATUS_OK, STATUS_REPLAY_REFUSED,
+                            STATUS_UNSUPPORTED, _worker)
+from uirl.launch.output import ConciseLog
+from uirl.launch.simulation import run_simulation
+from uirl.model.build import build_model
+from uirl.privacy import PrivacyLedger
+from uirl.privacy.popularity import composed_epsilon
+from uirl.rundir import PRIOR_FILE, RunDirectory
+
+_LEDGER = "uirl-privacy"  # where client/app.py keeps the ledger in the node state
+
+
+@pytest.fixture
+def flower_task(monkeypatch):
+    """Messages built outside a Flower runtime need the identity of the task that sends them."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _context(cfg, node_id: int, partition: int, **node) -> Context:
+    return Context(run_id=1, node_id=node_id, node_config={"partition-id": partition, "num-partitions": 2, **node},
+                   state=RecordDict(), run_config=to_run_config(cfg))
+
+
+def _silo(context: Context) -> SiloConfig:
+    return silo_from_node_config(context.node_config)
+
+
+def _release(context: Context) -> Message:
+    return client_app(Message(RecordDict(), dst_node_id=context.node_id, message_type=RELEASE_MESSAGE), context)
+
+
+def _ledger(context: Context) -> PrivacyLedger:
+    return PrivacyLedger.from_json(str(context.state.config_records[_LEDGER]["ledger"]))
+
+
+class _LocalGrid:
+    """Routes each message to the ClientApp of the node it is addressed to, in this process."""
+
+    def __init__(self, contexts: list[Context]) -> None:
+        self.contexts = {c.node_id: c for c in contexts}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        return [client_app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+
+
+def test_a_silo_releases_once_into_the_ledger_its_training_composes_with(tiny_bert, flower_task):
+    cfg = tiny_config(tiny_bert, **{"popularity-prior": True})
+    context = _context(cfg, node_id=7, partition=0)
+    reply = _release(context)
+    metrics = dict(reply.content["metrics"])
+    assert metrics["status"] == STATUS_OK and set(metrics) <= RELEASE_METRICS
+    _, silo = _worker(cfg, _silo(context))
+    counts = reply.content["arrays"][COUNTS_ARRAY].numpy()
+    assert counts.shape == (len(silo.item_text),) and np.isfinite(counts).all()
+    sigma = metrics["release-noise"]
+    assert _ledger(context).history == [[sigma, 1.0, 1]] and _ledger(context).popularity_released
+    assert metrics["epsilon"] == pytest.approx(composed_epsilon([(sigma, 1.0, 1)], delta=cfg.privacy.target_delta,
+                                                                accountant=cfg.privacy.accountant))
+
+    again = _release(context)  # asked twice in one run: refused, nothing released, nothing spent
+    assert again.content["metrics"]["status"] == STATUS_REPLAY_REFUSED
+    assert "twice" in again.content["error"]["message"] and "arrays" not in again.content.array_records
+    assert _ledger(context).history == [[sigma, 1.0, 1]]
+
+    # A train message carries the prior next to the adapter arrays; the silo scores with it, and its
+    # DP-SGD steps compose with the release in the same ledger.
+    model, _ = build_model(cfg)
+    prior = np.linspace(0.0, 2.0, len(counts)).astype(np.float32)
+    arrays = {name: Array(t.numpy()) for name, t in model.adapter_state().items()}
+    train = Message(RecordDict({"arrays": ArrayRecord({**arrays, PRIOR_ARRAY: Array(prior)}),
+                                "config": ConfigRecord({"server-round": 1, "run-name": "t"})}),
+                    dst_node_id=context.node_id, message_type="train")
+    trained = client_app(train, context)
+    assert trained.content["metrics"]["status"] == STATUS_OK
+    assert PRIOR_ARRAY not in trained.content["arrays"]
+    worker, _ = _worker(cfg, _silo(context))
+    assert worker.bank.prior  # the prior reached the scores
+    ledger = _ledger(context)
+    assert ledger.history[0] == [sigma, 1.0, 1] and len(ledger.history) == 2 and ledger.rounds == 1
+    expected = composed_epsilon([tuple(entry) for entry in ledger.history], delta=cfg.privacy.target_delta,
+                                accountant=cfg.privacy.accountant)
+    assert trained.content["metrics"]["epsilon"] == pytest.approx(expected)
+    assert sigma > 0 and expected > metrics["epsilon"]
+
+
+def test_the_server_builds_the_prior_without_a_silo_that_refuses(tiny_bert, flower_task, tmp_path, capsys):
+    cfg = tiny_config(tiny_bert, **{"popularity-prior": True})
+    ledger_path = str(tmp_path / "silo-1" / "ledger.json")
+    grid = _LocalGrid([_context(cfg, 11, 0), _context(cfg, 12, 1, **{"ledger-path": ledger_path})])
+    run = RunDirectory.create(tmp_path / "runs", "r", {})
+    rows = []
+    prior = release_prior(grid, cfg, run, on_release=rows.extend, timeout=10.0)
+    shown = capsys.readouterr().out
+    assert "popularity prior built without silo 1" in shown and "ledger-path" in shown
+    assert "popularity prior from silo 0 over" in shown
+    np.testing.assert_array_equal(np.load(run.path / PRIOR_FILE), prior)
+    np.testing.assert_array_equal(run.load_prior(), prior)
+    assert len(prior) == len(_worker(cfg, _silo(grid.contexts[11]))[1].item_text)
+    by_silo = {int(r["silo"]): r for r in rows}
+    assert by_silo[0]["accepted"] and by_silo[0]["epsilon"] > 0 and by_silo[0]["release-noise"] > 0
+    assert not by_silo[1]["accepted"] and by_silo[1]["status"] == STATUS_UNSUPPORTED
+    assert not (tmp_path / "silo-1").exists()  # the refusing silo wrote nothing and released nothing
+
+    # No silo releases: the run stops with a message that says why.
+    cfg = tiny_config(tiny_bert, **{"popularity-prior": True, "min-nodes": 1})
+    alone = _LocalGrid([_context(cfg, 13, 0, **{"ledger-path": ledger_path})])
+    with pytest.raises(PriorError, match="no silo released.*silo 0: popularity-prior is not supported yet"):
+        release_prior(alone, cfg, RunDirectory.create(tmp_path / "runs", "s", {}), on_release=rows.extend,
+                      timeout=10.0)
+
+
+def test_counts_over_another_catalogue_are_left_out():
+    replies = [_Reply(f"silo {k}", np.zeros(n), 1.0, {"silo": float(k), "accepted": True})
+               for k, n in enumerate((5, 4, 5))]
+    kept = _same_catalogue(replies)
+    assert [r.counts is not None for r in kept] == [True, False, True]
+    assert not kept[1].metrics["accepted"] and "cover 4 items" in kept[1].why and "catalogue 5" in kept[1].why
+
+
+def test_popularity_prior_with_secagg_needs_dp():
+    with pytest.raises(ConfigError, match="popularity-prior.*in the clear"):
+        from_run_config({"popularity-prior": True, "secagg": True, "dp": False})
+    assert from_run_config({"popularity-prior": True, "secagg": True, "dp": True}).model.popularity_prior
+    assert not from_run_config({"popularity-prior": True, "dp": False}).privacy.enabled
+
+
+def test_flwr_run_with_the_popularity_prior_under_dp(tmp_path, tiny_bert):
+    log = io.StringIO()
+    run_config = (f"model-name='{tiny_bert}' num-server-rounds=2 synthetic-users=90 synthetic-items=300 "
+                  f"max-history=4 eval-negatives=9 batch-users=8 lora-r=4 max-tokens=16 popularity-prior=true "
+                  f"eval-every=2 run-dir='{tmp_path / 'runs'}' run-name='prior'")
+    result = run_simulation(supernodes=3, run_config=run_config, cpus_per_client=1,
+                            flwr_home=tmp_path / "flwr-home", log=ConciseLog(log))
+    assert result.status == "finished:completed", result.text[-3000:]
+    run = tmp_path / "runs" / "prior"
+    assert "popularity prior from silo 0, silo 1, silo 2 over 300 items" in result.text
+    assert np.load(run / PRIOR_FILE).shape == (300,)
+    privacy = [json.loads(line) for line in (run / "privacy.jsonl").read_text().splitlines()]
+    released = {r["silo"]: r for r in privacy if r["round"] == 0}
+    assert sorted(released) == ["0", "1", "2"]
+    assert all(r["epsilon"] > 0 and r["release-noise"] > 0 and r["accepted"] for r in released.values())
+    ledger = json.loads((run / "privacy_ledger.json").read_text())
+    for silo, entry in ledger.items():
+        assert entry["rounds-trained"] == 2 and released[silo]["epsilon"] < entry["epsilon"] <= entry["target-epsilon"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[0]["epsilon"] == max(r["epsilon"] for r in released.values())  # round 0: after the release
+    assert "auc" not in rows[1] and rows[1]["silos-trained"] == 3  # eval-every=2: round 1 is not evaluated
+    assert all(0.0 <= rows[r]["auc"] <= 1.0 for r in (0, 2))
