@@ -2,14 +2,17 @@
 
 Round 0 evaluates the untrained (zero-shot pretrained) model on every silo, so the table shows
 what federated training added. Each later round: silos train locally with user-level DP, the
-strategy (validated FedAvg, :mod:`server.strategy`) checks and averages their adapter updates,
-every silo evaluates the new global model, and the server writes a checkpoint of the round
+strategy (:mod:`server.strategy`) checks every reply and combines the valid updates, every silo
+evaluates the new global model, and the server writes a checkpoint of the round
 (:mod:`uirl.checkpoint`). With run-config ``resume`` the loop starts after the last complete
 checkpoint of that run instead of at round 1, so no round is lost or counted twice.
 
+The run fails (the ServerApp raises :class:`uirl.errors.RunFailed`, Flower reports the run as
+failed, and no ``final/`` is written) when a round has fewer valid updates than ``min-nodes`` or
+the model is no longer finite.
+
 The loop is written out (rather than ``strategy.start``) so checkpoints and resume sit between
-rounds; the strategy object is built in one place (:func:`build_strategy`), where a wrapper
-(for instance client-level central DP) can be slotted around it. With run-config ``secagg`` the
+rounds; the strategy object is built in one place (:func:`build_strategy`). With run-config ``secagg`` the
 training step of each round runs Flower's SecAgg+ protocol instead (:mod:`server.secagg`), so the
 server learns only the mean of the silos' updates; everything else in the loop is unchanged.
 """
@@ -25,7 +28,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from server.secagg import secagg_train
-from server.strategy import ValidatingFedAvg, with_central_dp
+from server.strategy import ValidatingFedAvg
+from uirl.aggregation import require_finite
 from uirl.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from uirl.config import Config, from_run_config, to_run_config
 from uirl.model.build import build_model, save_adapter
@@ -48,24 +52,39 @@ class _Recorder:
         self.t0 = time.time()
 
     def on_train(self, server_round: int, per_silo: list[dict]) -> None:
+        """Rows keyed by node id (see :mod:`server.strategy`); a rejected reply gets a row with its
+        reason in privacy.jsonl and nothing else: none of its numbers reach the ledger or the round."""
         accepted = [m for m in per_silo if m.get("accepted")]
-        users = sum(m.get("num-examples", 0.0) for m in accepted)
-        loss = sum(m["train-loss"] * m["num-examples"] for m in accepted) / users if users else math.nan
+        users = sum(m["weight"] for m in accepted)
+        loss = sum(m["train-loss"] * m["weight"] for m in accepted) / users if users else math.nan
         eps = {}
         for m in per_silo:
-            silo = str(int(m.get("silo", -1)))
-            eps[f"epsilon/silo-{silo}"] = m.get("epsilon", math.inf)
-            previous = self.run.ledger.get(silo, {})
-            row = {k: m.get(k) for k in ("status", "epsilon", "delta", "target-epsilon", "noise-multiplier",
-                                         "sample-rate", "steps", "rounds-trained", "accepted", "rejected",
-                                         "replayed", "error") if k in m}
+            node = str(m["node-id"])
+            if self._rejected(server_round, m):
+                continue
+            eps[f"epsilon/silo-{m['silo']}" if m.get("silo") is not None else f"epsilon/node-{node}"] = \
+                m.get("epsilon", math.inf)
+            previous = self.run.ledger.get(node, {})
+            row = {k: m.get(k) for k in ("silo", "status", "epsilon", "delta", "target-epsilon", "noise-multiplier",
+                                         "sample-rate", "steps", "rounds-trained", "accepted", "replayed", "error",
+                                         "notes") if m.get(k) is not None}
             # A refusal carries no ledger numbers: keep the last known ones (what the silo has spent).
-            self.run.record_privacy(server_round, silo, {**{k: v for k, v in previous.items() if k != "round"}, **row})
+            self.run.record_privacy(server_round, node, {**{k: v for k, v in previous.items() if k != "round"}, **row})
         self.pending[server_round] = {"train-loss": loss, "epsilon": max(eps.values(), default=math.nan),
-                                      **dict(sorted(eps.items())),
-                                      "silos-trained": len(accepted), "silos-replied": len(per_silo)}
+                                      **dict(sorted(eps.items())), "silos-trained": len(accepted),
+                                      "silos-replied": len(per_silo),
+                                      "silos-rejected": sum("rejected" in m for m in per_silo)}
+
+    def _rejected(self, server_round: int, m: dict) -> bool:
+        """Record a rejected reply (its node, label and the reason only); True if ``m`` was one."""
+        if "rejected" in m:
+            self.run.record_rejected(server_round, str(m["node-id"]),
+                                     {k: m[k] for k in ("silo", "task", "rejected") if m.get(k) is not None})
+        return "rejected" in m
 
     def on_evaluate(self, server_round: int, per_silo: list[dict], aggregated: dict) -> None:
+        for m in per_silo:
+            self._rejected(server_round, m)
         row = {"round": server_round, **self.pending.pop(server_round, {}), **aggregated,
                "seconds": round(time.time() - self.t0, 1)}
         row.pop("num-examples", None)
@@ -76,18 +95,21 @@ class _Recorder:
 
 def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder) -> Strategy:
     fed = cfg.federation
-    strategy = ValidatingFedAvg(
-        trainable=trainable, max_update_norm=fed.max_update_norm,
-        on_train=recorder.on_train, on_evaluate=recorder.on_evaluate,
+    return ValidatingFedAvg(
+        cfg=cfg, trainable=trainable, on_train=recorder.on_train, on_evaluate=recorder.on_evaluate,
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=2 if fed.secagg else 1, min_evaluate_nodes=1, min_available_nodes=fed.min_nodes)
-    return with_central_dp(strategy, cfg)
 
 
 def _silo_rounds(ledger: dict[str, dict]) -> str:
-    """"silo:rounds,..." -- what each silo must at least show in its own ledger (fail closed if not)."""
-    return ",".join(f"{silo}:{int(entry['rounds-trained'])}" for silo, entry in sorted(ledger.items())
-                    if entry.get("rounds-trained") is not None)
+    """"silo:rounds,..." -- what each silo must at least show in its own ledger (fail closed if not):
+    per silo label, the most rounds any node with that label was recorded as having trained."""
+    rounds: dict[int, int] = {}
+    for entry in ledger.values():
+        if entry.get("silo") is not None and entry.get("rounds-trained") is not None:
+            silo = int(entry["silo"])
+            rounds[silo] = max(rounds.get(silo, 0), int(entry["rounds-trained"]))
+    return ",".join(f"{silo}:{n}" for silo, n in sorted(rounds.items()))
 
 
 def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -121,6 +143,7 @@ def main(grid: Grid, context: Context) -> None:
     arrays = ArrayRecord({name: Array(value) for name, value in state.items()})
 
     def write_adapter(directory, values: dict[str, np.ndarray]) -> None:
+        require_finite(values)
         model.load_adapter_state(values)
         save_adapter(model, directory, meta={"base-model": encoder.model_name, "run-config": to_run_config(cfg)})
 
