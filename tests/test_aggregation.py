@@ -45,9 +45,14 @@ def test_median_and_trimmed_mean_stay_near_the_clean_aggregate_where_fedavg_move
         check_update(update, GLOBAL, set(GLOBAL), max_norm=1e6)
     far = _distance(fedavg(attacked, [100.0] * 5), clean)
     for rule in ("median", "trimmed-mean"):
-        near = _distance(combine(rule, attacked, [100.0] * 5, trim_fraction=0.2), clean)
+        robust = combine(rule, attacked, [100.0] * 5, trim_fraction=0.2)
+        near = _distance(robust, clean)
         assert near < 0.15 * step, (rule, near, step)
         assert near < 0.3 * far, (rule, near, far)
+        # The bad silo claiming 1e12 users changes nothing: the robust rules ignore weights.
+        claimed = combine(rule, attacked, [100.0] * 4 + [1e12], trim_fraction=0.2)
+        assert all(np.array_equal(claimed[n], robust[n]) for n in robust)
+    assert _distance(fedavg(attacked, [100.0] * 4 + [1e12]), attacked[4]) < 1e-6 * step  # FedAvg: its update
     if abs(attack) == 100:
         assert far > 10 * step  # one silo replaced the average
 
