@@ -2,16 +2,19 @@
 
 Round 0 evaluates the untrained (zero-shot pretrained) model on every silo, so the table shows
 what federated training added. Each later round: silos train locally with user-level DP, the
-strategy (validated FedAvg, :mod:`server.strategy`) checks and averages their adapter updates,
-every silo evaluates the new global model (every ``eval-every``-th round, and the last), and the
-server writes a checkpoint of the round (:mod:`uirl.checkpoint`). With run-config ``resume`` the
-loop starts after the last complete checkpoint of that run instead of at round 1, so no round is
-lost or counted twice. With ``popularity-prior`` each silo first releases its item counts once
+strategy (:mod:`server.strategy`) checks every reply and combines the valid updates, every silo
+evaluates the new global model (every ``eval-every``-th round, and the last), and the server writes
+a checkpoint of the round (:mod:`uirl.checkpoint`). With run-config ``resume`` the loop starts after
+the last complete checkpoint of that run instead of at round 1, so no round is lost or counted
+twice. With ``popularity-prior`` each silo first releases its item counts once
 (:mod:`server.popularity`), and the prior built from them goes out with every message.
 
+The run fails (the ServerApp raises :class:`uirl.errors.RunFailed`, Flower reports the run as
+failed, and no ``final/`` is written) when a round has fewer valid updates than ``min-nodes`` or
+the model is no longer finite.
+
 The loop is written out (rather than ``strategy.start``) so checkpoints and resume sit between
-rounds; the strategy object is built in one place (:func:`build_strategy`), where a wrapper
-(for instance client-level central DP) can be slotted around it. With run-config ``secagg`` the
+rounds; the strategy object is built in one place (:func:`build_strategy`). With run-config ``secagg`` the
 training step of each round runs Flower's SecAgg+ protocol instead (:mod:`server.secagg`), so the
 server learns only the mean of the silos' updates; everything else in the loop is unchanged.
 """
@@ -28,7 +31,8 @@ from flwr.serverapp.strategy import Strategy
 
 from server.popularity import release_prior
 from server.secagg import secagg_train
-from server.strategy import ValidatingFedAvg, with_central_dp
+from server.strategy import ValidatingFedAvg
+from uirl.aggregation import require_finite
 from uirl.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from uirl.config import Config, from_run_config, to_run_config
 from uirl.model.build import build_model, save_adapter
@@ -43,45 +47,63 @@ REPLY_TIMEOUT = 3600.0
 
 
 #: The privacy numbers of a silo's reply that go to ``privacy.jsonl``.
-_PRIVACY_KEYS = ("status", "epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate", "steps",
-                 "rounds-trained", "release-noise", "accepted", "rejected", "replayed", "error")
+_PRIVACY_KEYS = ("silo", "status", "epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate", "steps",
+                 "rounds-trained", "release-noise", "accepted", "replayed", "error", "notes")
 
 
 class _Recorder:
-    """Collects per-silo replies into one row per round, prints it, writes the run directory."""
+    """Collects per-silo replies into one row per round, prints it, writes the run directory.
+    Rows are keyed by Flower's node id (see :mod:`server.strategy`); ``silo`` is only a label."""
 
     def __init__(self, run: RunDirectory) -> None:
         self.run = run
         self.pending: dict[int, dict] = {}
         self.t0 = time.time()
 
-    def _record_privacy(self, server_round: int, per_silo: list[dict]) -> None:
-        for m in per_silo:
-            silo = str(int(m.get("silo", -1)))
-            previous = self.run.ledger.get(silo, {})
-            row = {k: m[k] for k in _PRIVACY_KEYS if k in m}
-            # A refusal carries no ledger numbers: keep the last known ones (what the silo has spent).
-            self.run.record_privacy(server_round, silo, {**{k: v for k, v in previous.items() if k != "round"}, **row})
+    def _record(self, server_round: int, m: dict) -> None:
+        """A checked reply's privacy row and the node's ledger entry. A refusal carries no ledger
+        numbers: the last known ones (what the silo has spent) are kept."""
+        node = str(m["node-id"])
+        previous = self.run.ledger.get(node, {})
+        row = {k: m[k] for k in _PRIVACY_KEYS if m.get(k) is not None}
+        self.run.record_privacy(server_round, node, {**{k: v for k, v in previous.items() if k != "round"}, **row})
 
     @staticmethod
     def _epsilons(per_silo: list[dict]) -> dict[str, float]:
-        eps = {f"epsilon/silo-{int(m.get('silo', -1))}": m.get("epsilon", math.inf) for m in per_silo}
+        eps = {f"epsilon/silo-{int(m['silo'])}" if m.get("silo") is not None else f"epsilon/node-{m['node-id']}":
+               m.get("epsilon", math.inf) for m in per_silo}
         return {"epsilon": max(eps.values(), default=math.nan), **dict(sorted(eps.items()))}
 
     def on_release(self, per_silo: list[dict]) -> None:
         """The popularity release, before round 0: each silo's epsilon after it (shown in round 0's row)."""
-        self._record_privacy(0, per_silo)
-        self.pending[0] = self._epsilons(per_silo)
+        released = [m for m in per_silo if not self._rejected(0, m)]
+        for m in released:
+            self._record(0, m)
+        self.pending[0] = self._epsilons(released)
 
     def on_train(self, server_round: int, per_silo: list[dict]) -> None:
+        """A rejected reply gets a row with its reason in privacy.jsonl and nothing else: none of
+        its numbers reach the ledger or the round."""
         accepted = [m for m in per_silo if m.get("accepted")]
-        users = sum(m.get("num-examples", 0.0) for m in accepted)
-        loss = sum(m["train-loss"] * m["num-examples"] for m in accepted) / users if users else math.nan
-        self._record_privacy(server_round, per_silo)
-        self.pending[server_round] = {"train-loss": loss, **self._epsilons(per_silo),
-                                      "silos-trained": len(accepted), "silos-replied": len(per_silo)}
+        users = sum(m["weight"] for m in accepted)
+        loss = sum(m["train-loss"] * m["weight"] for m in accepted) / users if users else math.nan
+        checked = [m for m in per_silo if not self._rejected(server_round, m)]
+        for m in checked:
+            self._record(server_round, m)
+        self.pending[server_round] = {"train-loss": loss, **self._epsilons(checked), "silos-trained": len(accepted),
+                                      "silos-replied": len(per_silo),
+                                      "silos-rejected": len(per_silo) - len(checked)}
+
+    def _rejected(self, server_round: int, m: dict) -> bool:
+        """Record a rejected reply (its node, label and the reason only); True if ``m`` was one."""
+        if "rejected" in m:
+            self.run.record_rejected(server_round, str(m["node-id"]),
+                                     {k: m[k] for k in ("silo", "task", "rejected") if m.get(k) is not None})
+        return "rejected" in m
 
     def on_evaluate(self, server_round: int, per_silo: list[dict], aggregated: dict) -> None:
+        for m in per_silo:
+            self._rejected(server_round, m)
         self.finish_round(server_round, aggregated)
 
     def finish_round(self, server_round: int, evaluated: dict) -> None:
@@ -96,18 +118,21 @@ class _Recorder:
 
 def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder, prior: np.ndarray | None) -> Strategy:
     fed = cfg.federation
-    strategy = ValidatingFedAvg(
-        trainable=trainable, max_update_norm=fed.max_update_norm,
-        on_train=recorder.on_train, on_evaluate=recorder.on_evaluate, prior=prior,
+    return ValidatingFedAvg(
+        cfg=cfg, trainable=trainable, on_train=recorder.on_train, on_evaluate=recorder.on_evaluate, prior=prior,
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=2 if fed.secagg else 1, min_evaluate_nodes=1, min_available_nodes=fed.min_nodes)
-    return with_central_dp(strategy, cfg)
 
 
 def _silo_rounds(ledger: dict[str, dict]) -> str:
-    """"silo:rounds,..." -- what each silo must at least show in its own ledger (fail closed if not)."""
-    return ",".join(f"{silo}:{int(entry['rounds-trained'])}" for silo, entry in sorted(ledger.items())
-                    if entry.get("rounds-trained") is not None)
+    """"silo:rounds,..." -- what each silo must at least show in its own ledger (fail closed if not):
+    per silo label, the most rounds any node with that label was recorded as having trained."""
+    rounds: dict[int, int] = {}
+    for entry in ledger.values():
+        if entry.get("silo") is not None and entry.get("rounds-trained") is not None:
+            silo = int(entry["silo"])
+            rounds[silo] = max(rounds.get(silo, 0), int(entry["rounds-trained"]))
+    return ",".join(f"{silo}:{n}" for silo, n in sorted(rounds.items()))
 
 
 def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -156,6 +181,7 @@ def main(grid: Grid, context: Context) -> None:
     arrays = ArrayRecord({name: Array(value) for name, value in state.items()})
 
     def write_adapter(directory, values: dict[str, np.ndarray]) -> None:
+        require_finite(values)
         model.load_adapter_state(values)
         save_adapter(model, directory, meta={"base-model": encoder.model_name, "run-config": to_run_config(cfg)})
 

@@ -67,9 +67,16 @@ def _read(cfg: Config, msg: Message) -> _Reply:
     ``rejected`` (the server's)."""
     node = msg.metadata.src_node_id
     if msg.has_error():
-        return _Reply(f"node {node}", None, 0.0, {"accepted": False, "error": _last_line(msg.error.reason)})
+        return _Reply(f"node {node}", None, 0.0, {"node-id": node, "accepted": False,
+                                                  "error": _last_line(msg.error.reason)})
     content = msg.content
     metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+    if any(not isinstance(v, (int, float)) or math.isnan(v) for v in metrics.values()) or not (
+            math.isfinite(metrics.get("silo", 0.0))):
+        return _Reply(f"node {node}", None, 0.0, {"node-id": node, "accepted": False,
+                                                  "rejected": "a metric that is not a number, or a silo label "
+                                                              "that is not finite"})
+    metrics["node-id"] = node  # rows are keyed by Flower's node id; the silo is only a label
     who = f"silo {int(metrics['silo'])}" if "silo" in metrics else f"node {node}"
     if metrics.get("status") != STATUS_OK:
         error = str(content["error"].get("message", "")) if "error" in content.config_records else ""
@@ -106,14 +113,14 @@ def release_prior(grid: Grid, cfg: Config, run: RunDirectory, *, on_release: Cal
                   timeout: float) -> np.ndarray:
     """Ask every connected silo for its release, build the prior, save it in ``run``; return it.
 
-    ``on_release`` receives the privacy row of every reply that names its silo. Raises
+    ``on_release`` receives the privacy row of every reply (keyed by ``node-id``). Raises
     :class:`PriorError` if no silo released usable counts."""
     _, nodes = sample_nodes(grid, cfg.federation.min_nodes, 0)
     answers = list(grid.send_and_receive(
         [Message(RecordDict(), dst_node_id=node, message_type=RELEASE_MESSAGE) for node in nodes], timeout=timeout))
     replies = _same_catalogue(sorted((_read(cfg, msg) for msg in answers),
                                      key=lambda r: r.metrics.get("silo", math.inf)))
-    on_release([r.metrics for r in replies if "silo" in r.metrics])
+    on_release([r.metrics for r in replies])
     replied = {msg.metadata.src_node_id for msg in answers}
     left_out = [(f"node {node}", "no reply") for node in nodes if node not in replied]
     left_out += [(r.who, r.why) for r in replies if r.counts is None]

@@ -17,8 +17,11 @@ Per-silo metrics (training loss, the privacy-ledger numbers, a refusal's reason)
 the clear next to the masked vector.
 
 Because no single update is ever visible, the per-update checks of :class:`ValidatingFedAvg` cannot
-run. The mean is checked instead: finite, and within ``max-update-norm`` of the global model (a mean
-of updates that each respected the bound respects it too, so a larger mean proves a bad update).
+run; the silos' metrics, which travel in the clear, are checked as usual. The mean is checked
+instead: finite, and within the largest update bound of the silos in it of the global model (a mean
+of updates that each respected their bound respects it too, so a larger mean proves a bad update).
+A mean that fails, or that holds the update of a silo whose reply was rejected, is not applied: the
+round then has no valid update and the run fails.
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from server.strategy import ValidatingFedAvg
-from uirl.aggregation import UpdateRejected, check_update
+from uirl.aggregation import UpdateRejected, aggregate_bound, check_update
 from uirl.config import Config
-from uirl.federated import STATUS_OK
+from uirl.replies import TrainReply
 
 #: Config key naming the arrays of the global state, in the order they travel (legacy Parameters
 #: carry no names).
@@ -61,7 +64,7 @@ class _MeanDelta(Strategy):
         self.delta_names = delta_names
         self.config = config
         self.mean_delta: list[np.ndarray] | None = None
-        self.per_silo: list[dict] = []
+        self.replies: list[tuple[int, dict, int]] = []  # (node, metrics, weight in the masked sum)
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return None
@@ -76,15 +79,10 @@ class _MeanDelta(Strategy):
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        for proxy, res in results:
-            metrics = {**res.metrics, "node-id": proxy.node_id}
-            accepted = metrics.get("status", STATUS_OK) == STATUS_OK and res.num_examples > 0
-            if not accepted and metrics.get("error"):
-                log(WARNING, "round %d: node %d refused to train: %s", server_round, proxy.node_id, metrics["error"])
-            self.per_silo.append({**metrics, "accepted": accepted})
+        self.replies = [(proxy.node_id, dict(res.metrics), res.num_examples) for proxy, res in results]
         for failure in failures:
             log(WARNING, "round %d: a silo dropped out of SecAgg+: %s", server_round, failure)
-        if results and any(m["accepted"] for m in self.per_silo):
+        if any(weight > 0 for _, _, weight in self.replies):
             # SecAgg+ hands every result the same unmasked mean; nothing per silo is left to average.
             self.mean_delta = parameters_to_ndarrays(results[0][1].parameters)
         return None, {}
@@ -107,11 +105,12 @@ def workflow(cfg: Config, timeout: float) -> SecAggPlusWorkflow:
 
 
 def secagg_train(grid: Grid, context: Context, cfg: Config, strategy: ValidatingFedAvg, server_round: int,
-                 arrays: ArrayRecord, train_config: ConfigRecord, timeout: float) -> ArrayRecord | None:
-    """Run one SecAgg+ training round; the new global arrays, or ``None`` to keep the current ones.
+                 arrays: ArrayRecord, train_config: ConfigRecord, timeout: float) -> ArrayRecord:
+    """Run one SecAgg+ training round and return the new global arrays.
 
     The silos are sampled exactly as the plain path samples them (``strategy.configure_train``);
-    the per-silo metrics reach the run directory through ``strategy.on_train`` as usual.
+    their metrics are checked and reach the run directory through ``strategy.conclude_round``,
+    which raises :class:`~uirl.errors.RunFailed` if the round has too few valid updates.
     """
     messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
     node_ids = [m.metadata.dst_node_id for m in messages]
@@ -129,16 +128,33 @@ def secagg_train(grid: Grid, context: Context, cfg: Config, strategy: Validating
     if len(node_ids) >= 2:
         workflow(cfg, timeout)(grid, legacy_context)
     else:
-        log(WARNING, "round %d: SecAgg+ needs at least two silos, %d sampled; round skipped",
-            server_round, len(node_ids))
-    strategy.on_train(server_round, legacy.per_silo)
-    if legacy.mean_delta is None:
+        log(WARNING, "round %d: SecAgg+ needs at least two silos, %d sampled", server_round, len(node_ids))
+    rows, kept, why = [], [], ""
+    for node, metrics, weight in legacy.replies:
+        refusal = str(metrics.pop("error", ""))
+        row, reply = strategy.train_row(server_round, node, [metrics], None, refusal=refusal)
+        rows.append(row)
+        if reply is not None and reply.trained:
+            kept.append(reply)
+        elif reply is None and weight > 0:
+            why = f"node {node}'s reply was rejected and its update is inside the masked mean"
+    new = _checked_mean(server_round, legacy.mean_delta, global_state, delta_names, kept) if not why else None
+    strategy.conclude_round(server_round, rows, trained=len(kept) if new is not None else 0, asked=len(node_ids),
+                            why=why or ("" if new is not None else "no usable SecAgg+ mean"))
+    return ArrayRecord({name: Array(new.get(name, value)) for name, value in global_state.items()})
+
+
+def _checked_mean(server_round: int, mean_delta: list[np.ndarray] | None, global_state: dict[str, np.ndarray],
+                  delta_names: list[str], kept: list[TrainReply]) -> dict[str, np.ndarray] | None:
+    """The new trainable arrays from the unmasked mean delta, or None if there is none or it is not
+    sane (not finite, or farther from the global model than the silos in it could move it)."""
+    if mean_delta is None or not kept:
         return None
     new = {name: (global_state[name].astype(np.float64) + delta).astype(global_state[name].dtype)
-           for name, delta in zip(delta_names, legacy.mean_delta, strict=True)}
+           for name, delta in zip(delta_names, mean_delta, strict=True)}
     try:
-        check_update(new, global_state, strategy.trainable, strategy.max_update_norm)
+        check_update(new, global_state, set(delta_names), aggregate_bound("fedavg", [r.bound for r in kept]))
     except UpdateRejected as why:
         log(WARNING, "round %d: rejected the SecAgg+ aggregate: %s", server_round, why)
         return None
-    return ArrayRecord({name: Array(new.get(name, value)) for name, value in global_state.items()})
+    return new

@@ -55,7 +55,8 @@ def test_flwr_run_with_secagg_matches_plain_fedavg(tmp_path, tiny_bert):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[2]["silos-trained"] == 3
     assert "Secure aggregation completed" in text and "Secure aggregation halted" not in text, text[-3000:]
-    assert sorted(json.loads((run / "privacy_ledger.json").read_text())) == ["0", "1", "2"]
+    ledger = json.loads((run / "privacy_ledger.json").read_text())  # keyed by node id, labelled by silo
+    assert sorted(entry["silo"] for entry in ledger.values()) == [0, 1, 2]
     assert load_checkpoint(run).round == 2  # the mod's protocol state carried into the next round
     masked = load_file(str(run / CHECKPOINTS / "round-1" / ARRAYS_FILE))
 

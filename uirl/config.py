@@ -201,10 +201,15 @@ class FederationConfig:
 
     num_rounds: int = 5
     strategy: str = "fedavg"
+    aggregation: str = "fedavg"  # fedavg | median | trimmed-mean (see uirl.aggregation)
+    trim_fraction: float = 0.2  # trimmed-mean: share of the largest and of the smallest values dropped
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
-    max_update_norm: float = 1e4  # updates whose L2 norm exceeds this are rejected
-    min_nodes: int = 2  # wait for this many connected silos before the first round
+    # Longest update (L2 distance from the global model) accepted. None ("auto"): per silo, the most
+    # an honest round can move the model, lr x A(T) x sqrt(trainable values), T its local steps
+    # (uirl.aggregation.honest_update_norm).
+    max_update_norm: float | None = None
+    min_nodes: int = 2  # silos to wait for before the first round; fewer valid updates fail a round
     run_dir: str = "runs"
     run_name: str = ""  # empty: a timestamped name
     resume: str = ""  # a run directory, or "latest": continue it from its last complete checkpoint
@@ -222,9 +227,13 @@ class FederationConfig:
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num-server-rounds", self.num_rounds, "an integer >= 1")
         _check(self.strategy == "fedavg", "strategy", self.strategy, "'fedavg'")
+        _check(self.aggregation in ("fedavg", "median", "trimmed-mean"), "aggregation", self.aggregation,
+               "fedavg, median or trimmed-mean")
+        _check(0 <= self.trim_fraction < 0.5, "trim-fraction", self.trim_fraction, "a number in [0, 0.5)")
         _check(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "a number in (0, 1]")
         _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", self.fraction_evaluate, "a number in [0, 1]")
-        _check(self.max_update_norm > 0, "max-update-norm", self.max_update_norm, "a number > 0")
+        if self.max_update_norm is not None:
+            _check(self.max_update_norm > 0, "max-update-norm", self.max_update_norm, "'auto' or a number > 0")
         _check(self.min_nodes >= 1, "min-nodes", self.min_nodes, "an integer >= 1")
         _check(self.checkpoint_keep >= 1, "checkpoint-keep", self.checkpoint_keep, "an integer >= 1")
         _check(self.central_dp in ("", "fixed"), "central-dp", self.central_dp, "'' (off) or 'fixed'")
@@ -238,6 +247,9 @@ class FederationConfig:
         _check(self.secagg_max_users >= 1, "secagg-max-users", self.secagg_max_users, "an integer >= 1")
         # Server-side clipping needs each silo's update in the clear; under SecAgg+ the server
         # never sees one. Local user-level DP (dp = true) is the DP that composes with SecAgg+.
+        # Central DP's sensitivity and SecAgg+'s masked sum both assume the plain (weighted) mean.
+        _check(self.aggregation == "fedavg" or not (self.central_dp or self.secagg), "aggregation",
+               self.aggregation, "fedavg with central-dp or secagg (both need the plain mean)")
         _check(not (self.secagg and self.central_dp), "secagg", self.secagg,
                "false when central-dp is on (central DP clips each silo's update on the server, which "
                "SecAgg+ hides; use the silos' own user-level DP, dp = true, with secagg)")
@@ -320,6 +332,8 @@ _KEYS: dict[str, tuple[str, str]] = {
     "popularity-budget": ("privacy", "popularity_budget"),
     "num-server-rounds": ("federation", "num_rounds"),
     "strategy": ("federation", "strategy"),
+    "aggregation": ("federation", "aggregation"),
+    "trim-fraction": ("federation", "trim_fraction"),
     "fraction-train": ("federation", "fraction_train"),
     "fraction-evaluate": ("federation", "fraction_evaluate"),
     "max-update-norm": ("federation", "max_update_norm"),
@@ -351,7 +365,7 @@ _SECTIONS = {
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Coerce a flat run-config value to the type of the dataclass default."""
-    if key in ("noise-multiplier", "central-noise"):
+    if key in ("noise-multiplier", "central-noise", "max-update-norm"):
         if isinstance(value, str) and value.strip().lower() == "auto":
             return None
         default = 0.0

@@ -1,8 +1,8 @@
 """A federated run in one process: the same silo code and the same aggregation as ``flwr run``.
 
 Each round calls :func:`uirl.federated.local_train` on the sampled silos (what the ClientApp calls),
-validates every update with :func:`uirl.aggregation.check_update` and averages with
-:func:`uirl.aggregation.fedavg` (what the ServerApp's strategy does), then evaluates the global model
+checks every reply with :class:`uirl.replies.ReplyChecker` and combines the valid updates with
+:func:`uirl.aggregation.combine` (what the ServerApp's strategy does), then evaluates the global model
 on every silo with :func:`uirl.federated.local_evaluate`. Only Flower's messaging is left out, which
 makes a sweep of many runs affordable on a CPU. With ``central-dp = "fixed"`` the server clips each
 update and adds Gaussian noise instead (:mod:`uirl.privacy.central`).
@@ -17,16 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from uirl.aggregation import UpdateRejected, check_update, fedavg
+from uirl.aggregation import UpdateRejected, aggregate_bound, check_update, combine
 from uirl.config import Config, SiloConfig
 from uirl.errors import UirlError
-from uirl.federated import STATUS_OK, hash_seed, local_evaluate, local_release, local_train
+from uirl.federated import hash_seed, local_evaluate, local_release, local_train
 from uirl.privacy.popularity import prior_from_counts
 from uirl.model import InterestModel
 from uirl.model.build import build_model
 from uirl.model.encoder import Encoder
 from uirl.privacy import PrivacyLedger
 from uirl.privacy.central import central_dp_aggregate, central_epsilon, plan_central_noise
+from uirl.replies import ReplyChecker, TrainReply
 
 _RANKING = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10",
             "full/recall@10", "full/recall@20", "full/ndcg@10", "full/ndcg@20")
@@ -98,6 +99,18 @@ def popularity_prior(released: list[np.ndarray], noise: list[float] | None = Non
     return prior_from_counts(np.sum(released, axis=0), noise_std)
 
 
+def _combined(cfg: Config, state: dict[str, np.ndarray], kept: list[TrainReply]) -> dict[str, np.ndarray] | None:
+    """The kept updates combined by the run's ``aggregation`` rule, or None if the result is not
+    finite or moves the model farther than its inputs could (as the ServerApp's strategy)."""
+    fed = cfg.federation
+    new = combine(fed.aggregation, [r.update for r in kept], [r.weight for r in kept], trim_fraction=fed.trim_fraction)
+    try:
+        check_update(new, state, set(new), aggregate_bound(fed.aggregation, [r.bound for r in kept]))
+    except UpdateRejected:
+        return None
+    return new
+
+
 def run_federated(cfg: Config, num_silos: int, *,
                   on_round: Callable[[dict[str, Any]], None] | None = None) -> FederatedResult:
     """``cfg.federation.num_rounds`` rounds over ``num_silos`` simulated silos."""
@@ -105,6 +118,7 @@ def run_federated(cfg: Config, num_silos: int, *,
     model, encoder = build_model(cfg)
     initial = {n: t.cpu().numpy().copy() for n, t in model.adapter_state().items()}
     trainable = set(model.trainable_state())
+    checker = ReplyChecker(cfg, trainable)
     state = dict(initial)
     ledgers: dict[int, str | None] = {k: None for k in range(num_silos)}
     rng = np.random.default_rng(hash_seed(cfg.train.seed, 7919))
@@ -128,33 +142,31 @@ def run_federated(cfg: Config, num_silos: int, *,
     rows: list[dict[str, Any]] = []
     evaluate(0, {"epsilon": accounting(cfg, ledgers, 0)["epsilon"]} if prior is not None else {})
     for server_round in range(1, cfg.federation.num_rounds + 1):
-        updates, weights, losses, eps = [], [], [], {}
+        kept, eps = [], {}
         for k in _sample_silos(cfg, num_silos, rng):
             arrays, metrics, ledgers[k] = local_train(cfg, silos[k], state, ledger_json=ledgers[k],
                                                       server_round=server_round, prior=prior)
             eps[f"epsilon/silo-{k}"] = metrics["epsilon"]
-            if metrics["status"] != STATUS_OK or arrays is None:
-                continue
             try:
-                check_update(arrays, state, trainable, cfg.federation.max_update_norm)
+                reply = checker.train(k, server_round, [metrics], [] if arrays is None else [arrays], state)
             except UpdateRejected:
                 continue
-            updates.append(arrays)
-            weights.append(metrics["num-examples"])
-            losses.append((metrics["train-loss"], metrics["num-examples"]))
-        current = {n: state[n] for n in trainable}
+            if reply.update is not None:
+                kept.append(reply)
         if cfg.federation.central_dp:
-            state.update(central_dp_aggregate(current, updates, clip=cfg.federation.central_clip,
-                                              noise_multiplier=central_noise(cfg),
+            state.update(central_dp_aggregate({n: state[n] for n in trainable}, [r.update for r in kept],
+                                              clip=cfg.federation.central_clip, noise_multiplier=central_noise(cfg),
                                               expected_silos=cfg.federation.fraction_train * num_silos,
                                               rng=np.random.default_rng()))
             eps = {"epsilon": accounting(cfg, ledgers, server_round)["epsilon"]}
-        elif updates:
-            state.update(fedavg(updates, weights))
-        users = sum(w for _, w in losses)
-        loss = sum(v * w for v, w in losses) / users if users else math.nan
+        elif kept:
+            new = _combined(cfg, state, kept)
+            state.update(new or {})
+            kept = kept if new is not None else []  # a rejected aggregate: nothing of the round applied
+        users = sum(r.weight for r in kept)
+        loss = sum(r.metrics["train-loss"] * r.weight for r in kept) / users if users else math.nan
         epsilon = eps.get("epsilon", max((v for v in eps.values()), default=math.nan))
         evaluate(server_round, {"train-loss": loss, "epsilon": epsilon, **dict(sorted(eps.items())),
-                                "silos-trained": len(updates)})
+                                "silos-trained": len(kept)})
     return FederatedResult(rounds=rows, state=state, initial=initial, model=model, encoder=encoder,
                            privacy=accounting(cfg, ledgers, cfg.federation.num_rounds))

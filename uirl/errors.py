@@ -58,3 +58,9 @@ class ConfigError(UirlError):
         self.message, self.field, self.value = message, field, value
         super().__init__(_render(message, file=None, row=None, field=field, value=value,
                                  has_value=value is not None))
+
+
+class RunFailed(UirlError):
+    """A federated run that cannot vouch for its model: a round with too few valid updates, or a
+    model that is no longer finite. Raised by the ServerApp so that Flower reports the run as failed
+    and no final adapter is written."""

@@ -114,8 +114,9 @@ def model_card(run_dir: Path, meta: dict[str, Any]) -> str:
     if cfg.get("dp", True):
         lines += ["| silo | epsilon | delta | target epsilon | noise multiplier | sample rate | rounds trained |",
                   "|---|---|---|---|---|---|---|"]
-    for silo, e in sorted(ledger.items(), key=lambda kv: kv[0]) if cfg.get("dp", True) else ():
-        eps = e.get("epsilon")
+    for node, e in sorted(ledger.items(), key=lambda kv: (str(kv[1].get("silo", "")), kv[0])) \
+            if cfg.get("dp", True) else ():
+        eps, silo = e.get("epsilon"), e.get("silo", f"node {node}")  # ledger rows are keyed by node id
         lines.append(f"| {silo} | {eps:.4f} | {e.get('delta')} | {e.get('target-epsilon')} | "
                      f"{e.get('noise-multiplier', 0):.4f} | {e.get('sample-rate', 0):.4f} | "
                      f"{int(e.get('rounds-trained') or 0)} |" if isinstance(eps, (int, float)) else

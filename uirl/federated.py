@@ -43,6 +43,11 @@ RELEASE_ACTION = "popularity_release"
 COUNTS_ARRAY = "uirl.popularity-counts"
 #: The server's popularity prior, next to the adapter arrays in every train and evaluate message.
 PRIOR_ARRAY = "uirl.popularity-prior"
+#: What each refusal status means, in words (for logs).
+STATUS_MEANING = {STATUS_BUDGET_EXHAUSTED: "privacy budget spent",
+                  STATUS_LEDGER_ERROR: "privacy ledger damaged or lost",
+                  STATUS_REPLAY_REFUSED: "round already released with another global model",
+                  STATUS_UNSUPPORTED: "not supported by this silo's configuration"}
 
 TRAIN_METRICS = frozenset({"num-examples", "silo", "status", "train-loss", "steps", "users-sampled",
                            "epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate",
@@ -51,6 +56,20 @@ EVAL_METRICS = frozenset({"num-examples", "silo", "auc", "mrr", "ndcg@5", "ndcg@
                           "full/recall@10", "full/recall@20", "full/ndcg@10", "full/ndcg@20"})
 RELEASE_METRICS = frozenset({"num-examples", "silo", "status", "epsilon", "delta", "target-epsilon",
                              "noise-multiplier", "sample-rate", "rounds-trained", "release-noise"})
+#: What only a silo under DP reports: its accountant's state.
+DP_METRICS = frozenset({"target-epsilon", "sample-rate", "rounds-trained"})
+#: The full-catalogue evaluation metrics (absent when ``full-catalogue`` is off, or a target is unknown).
+FULL_METRICS = frozenset(k for k in EVAL_METRICS if k.startswith("full/"))
+
+#: The metric keys of an honest training reply under DP, by ``status`` (without DP a silo has no
+#: accountant: the same less :data:`DP_METRICS`). The server accepts a reply only if its keys are
+#: exactly the set for the status it claims (:mod:`uirl.replies`).
+TRAIN_REPLY_KEYS = {
+    STATUS_OK: TRAIN_METRICS,
+    STATUS_BUDGET_EXHAUSTED: TRAIN_METRICS - {"train-loss", "users-sampled"},  # nothing trained
+    STATUS_LEDGER_ERROR: frozenset({"status", "silo", "steps"}),  # refused before reading the ledger
+    STATUS_REPLAY_REFUSED: frozenset({"status", "silo", "steps"}),
+}
 
 
 @dataclass
@@ -196,7 +215,7 @@ def local_train(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.nd
     _, steps = sampling_plan(len(silo.users), cfg)
     base = {"num-examples": float(len(silo.users)), "silo": float(silo.silo_id)}
     if ledger is not None and not ledger.can_afford(steps):
-        return None, {**base, "status": float(STATUS_BUDGET_EXHAUSTED), "steps": 0.0,
+        return None, {**base, "status": float(STATUS_BUDGET_EXHAUSTED), "steps": 0.0, "replayed": 0.0,
                       **_privacy_metrics(ledger)}, ledger.to_json()
     result = train_round(worker.model, worker.bank, silo.users, silo.touched, cfg, ledger=ledger,
                          example_seed=hash_seed(cfg.train.seed, silo.silo_id, server_round))
@@ -204,7 +223,7 @@ def local_train(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.nd
         ledger.rounds += 1
     arrays = {k: v.cpu().numpy().copy() for k, v in worker.model.trainable_state().items()}
     metrics = {**base, "status": float(STATUS_OK), "train-loss": result.loss, "steps": float(result.steps),
-               "users-sampled": float(result.users_sampled), **_privacy_metrics(ledger)}
+               "users-sampled": float(result.users_sampled), "replayed": 0.0, **_privacy_metrics(ledger)}
     return arrays, metrics, (ledger.to_json() if ledger is not None else None)
 
 
@@ -252,7 +271,6 @@ def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[st
                        silo_cfg)
     arrays, metrics, new_ledger_json = local_train(cfg, silo_cfg, global_state, ledger_json=ledger_json,
                                                    server_round=server_round, prior=prior)
-    metrics = {**metrics, "replayed": 0.0}  # every reply carries the same keys (FedAvg requires it)
     if file is not None and arrays is not None and new_ledger_json is not None:
         file.write(new_ledger_json, Release(run=run, round=server_round, input_digest=digest,
                                             update_digest=digest_arrays(arrays), metrics=metrics), arrays)

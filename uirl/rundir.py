@@ -2,8 +2,9 @@
 
 - ``config.json``            the full run config (flat, kebab-case) and what it resolved to
 - ``metrics.jsonl``/``.csv``   one row per round: training loss, evaluation metrics, max epsilon
-- ``privacy.jsonl``           one row per silo per round: epsilon, delta, noise, sample rate, steps, status
-- ``privacy_ledger.json``     the latest privacy state of every silo (what an auditor checks)
+- ``privacy.jsonl``           one row per reply per round, by node id: epsilon, delta, noise, sample rate,
+                              steps, status, the silo label; or why the server rejected the reply
+- ``privacy_ledger.json``     the latest privacy state of every node (what an auditor checks)
 - ``popularity_prior.npy``    the popularity prior built from the silos' releases (``popularity-prior``),
                               what a resumed run sends again instead of asking the silos twice
 - ``checkpoints/round-<r>/``  the last rounds' checkpoints (see :mod:`uirl.checkpoint`)
@@ -104,9 +105,11 @@ class RunDirectory:
         self._append("metrics.jsonl", row)
         self._rewrite_csv()
 
-    def record_privacy(self, server_round: int, silo: str, row: dict[str, Any]) -> None:
-        self._append("privacy.jsonl", {"round": server_round, "silo": silo, **row})
-        self.ledger[silo] = {"round": server_round, **row}
+    def record_privacy(self, server_round: int, node: str, row: dict[str, Any]) -> None:
+        """A checked reply of node ``node`` (Flower's node id; ``row["silo"]`` is only its label):
+        a row in ``privacy.jsonl``, and the node's entry in the ledger."""
+        self._append("privacy.jsonl", {"round": server_round, "node-id": node, **row})
+        self.ledger[node] = {"round": server_round, **row}
         atomic_write_text(self.path / "privacy_ledger.json", json.dumps(self.ledger, indent=2, sort_keys=True) + "\n")
 
     def save_prior(self, prior: np.ndarray) -> None:
@@ -122,3 +125,8 @@ class RunDirectory:
         except (OSError, ValueError) as exc:
             raise UirlError(f"{path}: cannot read the run's popularity prior ({exc}); "
                             "a run with popularity-prior resumes only with it") from None
+
+    def record_rejected(self, server_round: int, node: str, row: dict[str, Any]) -> None:
+        """A reply the server dropped: a row in ``privacy.jsonl`` with the reason, never in the
+        ledger (nothing a rejected reply said is taken as the silo's state)."""
+        self._append("privacy.jsonl", {"round": server_round, "node-id": node, **row})

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 COLUMNS = [("round", "round"), ("train-loss", "loss"), ("auc", "AUC"), ("mrr", "MRR"),
-           ("ndcg@5", "nDCG@5"), ("ndcg@10", "nDCG@10"), ("recall@10", "R@10"), ("epsilon", "eps per silo")]
+           ("ndcg@5", "nDCG@5"), ("ndcg@10", "nDCG@10"), ("recall@10", "R@10"), ("epsilon", "eps per silo"),
+           ("silos", "silos")]
 
 
 def _fmt(key: str, value: Any) -> str:
@@ -27,7 +28,18 @@ def _silo_epsilons(row: dict[str, Any]) -> str:
     return " ".join(_fmt("eps", row[k]) for k in keys) or "-"
 
 
+def _silos(row: dict[str, Any]) -> str:
+    """"trained/replied" of a round row, and how many replies the server rejected (a degraded round)."""
+    if "silos-trained" not in row:
+        return "-"
+    replied = f"/{row['silos-replied']}" if "silos-replied" in row else ""
+    rejected = f" ({row['silos-rejected']} rejected)" if row.get("silos-rejected") else ""
+    return f"{row['silos-trained']}{replied}{rejected}"
+
+
 def _cell(key: str, row: dict[str, Any]) -> str:
+    if key == "silos":
+        return _silos(row)
     return _silo_epsilons(row) if key == "epsilon" else _fmt(key, row.get(key))
 
 

@@ -24,9 +24,11 @@ def _show(args: argparse.Namespace) -> int:
     print_table(rows, title=f"uirl run {run.name}")
     ledger = run / "privacy_ledger.json"
     if ledger.is_file():
-        for silo, entry in sorted(json.loads(ledger.read_text(encoding="utf-8")).items()):
+        for node, entry in sorted(json.loads(ledger.read_text(encoding="utf-8")).items(),
+                                  key=lambda kv: (str(kv[1].get("silo", "")), kv[0])):
             eps, target = entry.get("epsilon"), entry.get("target-epsilon")
-            print(f"silo {silo}: epsilon {eps:.3f} of {target} at delta {entry.get('delta')} "
+            print(f"silo {entry.get('silo', '?')} (node {node}): epsilon {eps:.3f} of {target} "
+                  f"at delta {entry.get('delta')} "
                   f"(user-level, noise {entry.get('noise-multiplier', 0):.3f}, "
                   f"sample rate {entry.get('sample-rate', 0):.4f}) after round {entry.get('round')}")
     return 0
