@@ -116,7 +116,8 @@ class _Recorder:
         print(round_line(row), flush=True)
 
 
-def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder, prior: np.ndarray | None) -> Strategy:
+def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder, prior: np.ndarray | None = None
+                   ) -> Strategy:
     fed = cfg.federation
     return ValidatingFedAvg(
         cfg=cfg, trainable=trainable, on_train=recorder.on_train, on_evaluate=recorder.on_evaluate, prior=prior,

@@ -94,7 +94,7 @@ def test_vae_samples_per_user_seed_and_uses_the_mean_at_inference():
 
 @pytest.fixture(scope="module")
 def full_model(tiny_bert):
-    cfg = tiny_config(tiny_bert, **ALL_PARTS)
+    cfg = tiny_config(tiny_bert, **ALL_PARTS, **{"train-mode": "lora"})
     model, encoder = build_model(cfg)
     gen = torch.Generator().manual_seed(3)
     images = {i: torch.randn(5, generator=gen).tolist() for i in list(ITEMS)[:8] if i != "i4"}

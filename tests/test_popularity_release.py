@@ -159,12 +159,17 @@ def test_flwr_run_with_the_popularity_prior_under_dp(tmp_path, tiny_bert):
     assert "popularity prior from silo 0, silo 1, silo 2 over 300 items" in result.text
     assert np.load(run / PRIOR_FILE).shape == (300,)
     privacy = [json.loads(line) for line in (run / "privacy.jsonl").read_text().splitlines()]
-    released = {r["silo"]: r for r in privacy if r["round"] == 0}
-    assert sorted(released) == ["0", "1", "2"]
+    # Rows are keyed by Flower's node id; each carries its silo's label.
+    released = {int(r["silo"]): r for r in privacy if r["round"] == 0}
+    assert sorted(released) == [0, 1, 2]
     assert all(r["epsilon"] > 0 and r["release-noise"] > 0 and r["accepted"] for r in released.values())
+    assert len({r["node-id"] for r in released.values()}) == 3
     ledger = json.loads((run / "privacy_ledger.json").read_text())
-    for silo, entry in ledger.items():
-        assert entry["rounds-trained"] == 2 and released[silo]["epsilon"] < entry["epsilon"] <= entry["target-epsilon"]
+    assert sorted(ledger) == sorted(str(r["node-id"]) for r in released.values())
+    for node, entry in ledger.items():
+        release = released[int(entry["silo"])]
+        assert str(release["node-id"]) == node
+        assert entry["rounds-trained"] == 2 and release["epsilon"] < entry["epsilon"] <= entry["target-epsilon"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[0]["epsilon"] == max(r["epsilon"] for r in released.values())  # round 0: after the release

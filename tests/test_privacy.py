@@ -31,8 +31,13 @@ EXAMPLES = [
 ]
 
 
+#: The end-to-end path, where per-user gradients run through the encoder's LoRA adapters (the
+#: cached path has its own exactness tests in test_cached_path.py).
+LORA = {"train-mode": "lora"}
+
+
 def _setup(model_path, *, double=False, **overrides):
-    cfg = tiny_config(model_path, **overrides)
+    cfg = tiny_config(model_path, **{**LORA, **overrides})
     model, encoder = build_model(cfg)
     if double:
         model.double()  # float64: exactness can be checked far below float32 round-off
@@ -254,7 +259,7 @@ def _full_examples():
 
 
 def test_per_user_gradients_are_exact_with_every_part_on(tiny_model):
-    cfg = tiny_config(tiny_model, **ALL_PARTS)
+    cfg = tiny_config(tiny_model, **LORA, **ALL_PARTS)
     model, encoder = build_model(cfg)
     model.double()
     with torch.no_grad():

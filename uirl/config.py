@@ -38,7 +38,7 @@ class ModelConfig:
     lora_targets: str = "auto"  # comma-separated module names, or auto (per architecture)
     ffa_lora: bool = True  # freeze LoRA A, train B only (the default under DP)
     temperature: float = 0.05  # score = cos(user, item) / temperature
-    train_mode: str = "lora"  # lora: LoRA through the encoder | cached: frozen encoder, cached item vectors
+    train_mode: str = "cached"  # cached: frozen encoder, cached item vectors | lora: LoRA through the encoder
     user_proj_rank: int = 0  # residual user projection: 0 = full d x d, r > 0 = rank r (fewer travelling dims)
     item_proj_rank: int = 0  # residual item projection of rank r on every item vector (0 = off)
     popularity_prior: bool = False  # score += w * log(1 + released item popularity), w learned
@@ -183,7 +183,7 @@ class PrivacyConfig:
     clip_norm: float = 1.0
     noise_multiplier: float | None = None  # None: derived from the target for the planned steps
     accountant: str = "rdp"  # rdp | prv
-    popularity_budget: float = 0.25  # share of target-epsilon the popularity release alone may cost
+    popularity_budget: float = 0.75  # share of target-epsilon the popularity release alone may cost
 
     def __post_init__(self) -> None:
         _check(0 < self.popularity_budget < 1, "popularity-budget", self.popularity_budget, "a number in (0, 1)")
