@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     cached_step, cached_dims = _step_fn(from_run_config({**base, "train-mode": "cached", "user-proj-rank": 16}),
                                         args.users)
     setup_cached = time.perf_counter() - t0
-    lora_step, lora_dims = _step_fn(from_run_config(base), args.users)
+    lora_step, lora_dims = _step_fn(from_run_config({**base, "train-mode": "lora"}), args.users)
     cached_step(), lora_step()  # warm-up
     times: dict[str, list[float]] = {"lora": [], "cached": []}
     for _ in range(args.repeats):
