@@ -184,7 +184,8 @@ def main(grid: Grid, context: Context) -> None:
     def write_adapter(directory, values: dict[str, np.ndarray]) -> None:
         require_finite(values)
         model.load_adapter_state(values)
-        save_adapter(model, directory, meta={"base-model": encoder.model_name, "run-config": to_run_config(cfg)})
+        save_adapter(model, directory, meta={"base-model": encoder.model_name, "run-config": to_run_config(cfg)},
+                     prior=strategy.prior)
 
     def evaluate(server_round: int) -> None:
         if not _evaluates(cfg, server_round):

@@ -110,3 +110,31 @@ def test_bad_input_is_one_line_exit_2_and_leaves_outputs_alone(trained, tmp_path
     err = capsys.readouterr().err
     assert "expected a .npz or .parquet" in err and "--silo 5" in err
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_a_model_trained_with_the_prior_recommends_with_it(tiny_bert, tmp_path):
+    """The prior is part of the model: saved next to it, exported with it, and scored by
+    ``recommend`` (the item with the largest prior tops every list when its weight dominates), and a
+    model that needs it does not load without it."""
+    from uirl.export import export_run
+    from uirl.federated import catalogue_ids
+    from uirl.model.build import PRIOR_FILE, load_prior
+
+    cfg = tiny_config(tiny_bert, **{"popularity-prior": True, "synthetic-users": 24, "synthetic-items": 120})
+    model, encoder = build_model(cfg)
+    with torch.no_grad():
+        model.prior_weight.weight.fill_(1000.0)
+    silo = load_silo(cfg.data, SiloConfig(0, 1), seed=0)
+    ids = catalogue_ids(silo)
+    prior = np.zeros(len(ids), dtype=np.float32)
+    star = next(i for i in ids if all(i not in silo.touched[u.user_id] for u in silo.users))
+    prior[ids.index(star)] = 5.0
+    final = tmp_path / "run" / "final"
+    save_adapter(model, final, meta={"base-model": encoder.model_name, "run-config": to_run_config(cfg)}, prior=prior)
+    np.testing.assert_array_equal(load_prior(final, cfg), prior)
+    out = tmp_path / "r.jsonl"
+    assert main(["recommend", str(final), "--out", str(out), "--num-silos", "1", "-k", "2"]) == 0
+    assert all(json.loads(line)["items"][0] == star for line in out.read_text().splitlines())
+    assert (export_run(tmp_path / "run", tmp_path / "export") / PRIOR_FILE).is_file()
+    (final / PRIOR_FILE).unlink()
+    assert main(["recommend", str(final), "--out", str(out), "--num-silos", "1"]) == 2

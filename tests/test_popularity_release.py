@@ -158,6 +158,8 @@ def test_flwr_run_with_the_popularity_prior_under_dp(tmp_path, tiny_bert):
     run = tmp_path / "runs" / "prior"
     assert "popularity prior from silo 0, silo 1, silo 2 over 300 items" in result.text
     assert np.load(run / PRIOR_FILE).shape == (300,)
+    # The final model carries the prior it scores with (uirl recommend/embed and exports read it).
+    np.testing.assert_array_equal(np.load(run / "final" / PRIOR_FILE), np.load(run / PRIOR_FILE))
     privacy = [json.loads(line) for line in (run / "privacy.jsonl").read_text().splitlines()]
     # Rows are keyed by Flower's node id; each carries its silo's label.
     released = {int(r["silo"]): r for r in privacy if r["round"] == 0}

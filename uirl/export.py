@@ -17,8 +17,11 @@ from typing import Any
 
 from uirl.atomic import atomic_dir
 from uirl.errors import UirlError
+from uirl.rundir import PRIOR_FILE
 
 FILES = ("adapter_config.json", "adapter_model.safetensors", "interest_head.safetensors", "uirl_model.json")
+#: Files a model has only with some settings: the popularity prior with ``popularity-prior``.
+OPTIONAL_FILES = (PRIOR_FILE,)
 _METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10")
 
 
@@ -146,8 +149,9 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     meta = json.loads((final / "uirl_model.json").read_text(encoding="utf-8"))
     card = model_card(run_dir, meta)
     with atomic_dir(out) as tmp:
-        for name in FILES:
-            shutil.copy2(final / name, tmp / name)
+        for name in FILES + OPTIONAL_FILES:
+            if (final / name).is_file():
+                shutil.copy2(final / name, tmp / name)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return out
 

@@ -100,13 +100,18 @@ def catalogue_ids(silo: Silo) -> list[str]:
 
 def _load_global(worker: _Worker, silo: Silo, global_state: dict[str, np.ndarray], prior: np.ndarray | None) -> None:
     worker.model.load_adapter_state({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
+    attach_prior(worker.bank, silo, prior)
+
+
+def attach_prior(bank: TextBank, silo: Silo, prior: np.ndarray | None) -> None:
+    """Score with ``prior`` (over :func:`catalogue_ids`), or with none."""
     if prior is None:
-        worker.bank.prior = {}
+        bank.prior = {}
         return
     ids = catalogue_ids(silo)
     if len(prior) != len(ids):
         raise UirlError(f"the popularity prior has {len(prior)} items, this silo's catalogue {len(ids)}")
-    worker.bank.set_prior(ids, np.asarray(prior, dtype=np.float64))
+    bank.set_prior(ids, np.asarray(prior, dtype=np.float64))
 
 
 def silo_bank(silo: Silo, tokenizer, cfg: Config) -> TextBank:

@@ -44,7 +44,9 @@ def announce(path: Path, *, run_id: int | None = None) -> None:
         atomic_write_text(Path(target), json.dumps({"run-dir": str(Path(path).resolve()), "run-id": run_id}) + "\n")
 
 
-#: The popularity prior of a run, next to ``final/``.
+#: The popularity prior of a run (``popularity-prior``), in the run directory and in every saved
+#: model that scores with it (``final/``, checkpoints, exports): one value per catalogue item, in
+#: sorted item-id order (:func:`uirl.federated.catalogue_ids`).
 PRIOR_FILE = "popularity_prior.npy"
 
 

@@ -19,6 +19,12 @@ from uirl.commands.embed import add_model_arguments, atomic_output, load
 from uirl.errors import UirlError
 
 
+def _prior(bank, item_ids, device):
+    """(1, len) popularity prior of ``item_ids`` for ``score_rep``, or None for a model without one."""
+    values = bank.prior_of(item_ids)
+    return None if values is None else values[None].to(device)
+
+
 def _recommend(args: argparse.Namespace) -> int:
     import torch
 
@@ -30,6 +36,7 @@ def _recommend(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise UirlError(f"-k {args.k}: expected an integer >= 1")
     model, cfg, silos = load(args)
+    device = next(model.parameters()).device
     results: list[tuple[str, list[str], list[float]]] = []
     with torch.no_grad():
         for silo, bank in silos:
@@ -39,16 +46,17 @@ def _recommend(args: argparse.Namespace) -> int:
                                             extra_keys=catalogue if split == "full" else ())
             if split == "full":
                 items = torch.stack([vectors[i] for i in catalogue]).unsqueeze(0)
+                everything_prior = _prior(bank, catalogue, device)
             for user, (rep, cands) in zip(silo.users, reps):
                 if split == "full":
                     ids = catalogue
-                    scores = model.score_rep(rep, items.to(rep.interest.device))[0]
+                    scores = model.score_rep(rep, items.to(rep.interest.device), everything_prior)[0]
                     seen = silo.touched.get(user.user_id, frozenset())
                     scores = scores.masked_fill(torch.tensor([i in seen for i in ids], device=scores.device),
                                                 float("-inf"))
                 else:
                     ids = list(user.test_candidates)
-                    scores = model.score_rep(rep, cands)[0]
+                    scores = model.score_rep(rep, cands, _prior(bank, ids, device))[0]
                 k = min(args.k, int(torch.isfinite(scores).sum()))
                 top = torch.topk(scores, k)
                 results.append((user.user_id, [ids[i] for i in top.indices.tolist()],

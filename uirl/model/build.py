@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -13,6 +14,7 @@ from uirl.config import Config, from_run_config
 from uirl.errors import UirlError
 from uirl.model.encoder import SHIPPED_MINILM_HUB_ID, SHIPPED_MINILM_PACKAGE, Encoder, load_encoder, portable_model_name
 from uirl.model.interest import InterestModel
+from uirl.rundir import PRIOR_FILE
 
 HEAD_FILE = "interest_head.safetensors"
 META_FILE = "uirl_model.json"
@@ -34,9 +36,11 @@ def head_state(model: InterestModel) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if not n.startswith("encoder.")}
 
 
-def save_adapter(model: InterestModel, directory: str | Path, *, meta: dict | None = None) -> Path:
+def save_adapter(model: InterestModel, directory: str | Path, *, meta: dict | None = None,
+                 prior: np.ndarray | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format, loadable with
-    ``PeftModel.from_pretrained(base, directory)``), the interest head, and a small metadata file.
+    ``PeftModel.from_pretrained(base, directory)``), the interest head, a small metadata file and,
+    for a model trained with the popularity prior, that prior (:data:`PRIOR_FILE`).
     The adapter's ``base_model_name_or_path`` is a portable name (the hub id for the shipped
     MiniLM), not the path the base model was loaded from on this machine."""
     directory = Path(directory)
@@ -52,7 +56,25 @@ def save_adapter(model: InterestModel, directory: str | Path, *, meta: dict | No
     if base == SHIPPED_MINILM_HUB_ID:
         info["base-model-package"] = SHIPPED_MINILM_PACKAGE  # pip package with these weights, for offline use
     (directory / META_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if prior is not None:
+        np.save(directory / PRIOR_FILE, np.asarray(prior, dtype=np.float32), allow_pickle=False)
     return directory
+
+
+def load_prior(directory: str | Path, cfg: Config) -> np.ndarray | None:
+    """The popularity prior saved with a model trained with one (None for a model without);
+    a model that scores with a prior is not loaded without it."""
+    if not cfg.model.popularity_prior:
+        return None
+    path = Path(directory) / PRIOR_FILE
+    try:
+        prior = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UirlError(f"{path}: the model was trained with popularity-prior and needs this file "
+                        f"({type(exc).__name__}: {exc})") from None
+    if prior.ndim != 1 or not np.isfinite(prior).all():
+        raise UirlError(f"{path}: expected one finite value per catalogue item")
+    return prior
 
 
 def load_head(model: InterestModel, directory: str | Path) -> None:
