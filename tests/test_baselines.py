@@ -131,3 +131,17 @@ def test_centralized_round_takes_as_many_steps_as_a_silo_with_the_silos_users_pe
     users = sum(len(s.users) for s in b.load_silos(cfg, 2))
     assert silo_steps == {3.0}  # 20 users, 8 per step, 1 epoch
     assert pooled == [(users, 16, 3)]
+
+
+def test_zero_shot_reads_the_catalogue_vectors_from_the_disk_cache(tiny_bert, monkeypatch, tmp_path):
+    """The zero-shot row encodes the catalogue once into the disk cache; a second row (another
+    method's round 0, a cached-path run of the same encoder) reads that entry and scores identically."""
+    from uirl import federated
+    from uirl.model.vector_cache import cache_dir
+
+    monkeypatch.setenv("UIRL_CACHE", str(tmp_path))
+    cfg = tiny_config(tiny_bert, **{"synthetic-users": 30})
+    first = baselines.zero_shot(cfg, 2)
+    assert len(list(cache_dir().glob("*.npy"))) == 1  # one catalogue, one encoder: one entry
+    monkeypatch.setattr(federated, "encode_texts", lambda *a, **k: pytest.fail("encoded the catalogue again"))
+    assert baselines.zero_shot(cfg, 2) == first

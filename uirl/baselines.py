@@ -36,7 +36,7 @@ from uirl.config import Config, SiloConfig
 from uirl.data.silo import Silo, load_silo
 from uirl.engine import FederatedResult, accounting, weighted_metrics
 from uirl.errors import DataError
-from uirl.federated import hash_seed, local_evaluate, local_train
+from uirl.federated import cache_catalogue, hash_seed, local_evaluate, local_train
 from uirl.metrics import FULL_KS, full_catalogue_metrics, mean_metrics, ranking_metrics
 from uirl.model import TextBank
 from uirl.model.build import build_model
@@ -69,9 +69,13 @@ def _evaluate_silos(model, banks: dict[int, TextBank], silos: Sequence[Silo], cf
 
 
 def zero_shot(cfg: Config, num_silos: int) -> dict[str, float]:
+    """The pretrained encoder, untrained (what round 0 of a run without the prior scores). Its
+    catalogue vectors come from the disk cache the cached training path fills."""
     silos = load_silos(cfg, num_silos)
     model, encoder = build_model(cfg)
     banks = {s.silo_id: TextBank(s.item_text, encoder.tokenizer, cfg.model.max_tokens) for s in silos}
+    for bank in banks.values():
+        cache_catalogue(model, bank, cfg)
     return _evaluate_silos(model, banks, silos, cfg)
 
 

@@ -87,10 +87,16 @@ def _worker(cfg: Config, silo_cfg: SiloConfig) -> tuple[_Worker, Silo]:
     model, encoder = build_model(cfg)
     bank = silo_bank(silo, encoder.tokenizer, cfg)
     if cfg.model.train_mode == "cached":
-        # The encoder never changes in this mode: encode the catalogue once (or read it from disk).
-        load_catalogue_vectors(model, bank, identity=f"{cfg.model.name}|{cfg.model.max_tokens}|{model.pooling}",
-                               encode=encode_texts)
+        cache_catalogue(model, bank, cfg)  # the encoder never changes in this mode
     return _Worker(model, bank), silo
+
+
+def cache_catalogue(model: InterestModel, bank: TextBank, cfg: Config) -> None:
+    """Encode the catalogue once, or read it from the disk cache (valid while the encoder is frozen:
+    the cached path, or a model that is not trained at all). The cache key is the encoder itself,
+    so the zero-shot baseline and a cached-path run of the same encoder share one entry."""
+    load_catalogue_vectors(model, bank, identity=f"{cfg.model.name}|{cfg.model.max_tokens}|{model.pooling}",
+                           encode=encode_texts)
 
 
 def catalogue_ids(silo: Silo) -> list[str]:
