@@ -73,3 +73,39 @@ def test_the_app_directory_must_be_a_flower_app(tmp_path):
     assert (app_dir() / "pyproject.toml").is_file()
     with pytest.raises(UirlError, match="--app"):
         app_dir(tmp_path)
+
+
+@pytest.mark.parametrize("run_config, named", [
+    ("lr=-1", "field 'lr' = -1"),
+    ("no-such-key=3", "unknown run-config key"),
+    ("num-server-rounds=3 dp", "value 'dp': --run-config: expected space-separated key=value pairs"),
+    ("seed=abc", "field 'seed' = 'abc': --run-config: expected a number"),
+    ("dataset='data/ml'", "field 'dataset' = 'data/ml': expected an absolute path"),
+    ("dataset='/nowhere/at/all'", "expected a directory written by `uirl data convert`"),
+])
+def test_a_bad_run_config_is_one_line_before_anything_starts(run_config, named, monkeypatch, capsys):
+    """``uirl run`` / ``uirl deploy`` check the run config against the app's defaults first: exit
+    status 2, one line naming the key, and no Flower process is started."""
+    import uirl.launch.deployment as deployment
+    import uirl.launch.simulation as simulation
+    from uirl.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("a process was started for a bad run config")
+
+    monkeypatch.setattr(simulation, "run_simulation", started)
+    monkeypatch.setattr(deployment, "Deployment", started)
+    assert main(["run", "--run-config", run_config]) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and len(err.splitlines()) == 1, err
+    if "dataset" not in run_config:  # a deployment's dataset lives on the silos' machines
+        assert main(["deploy", "--run-config", run_config]) == 2
+        assert named in capsys.readouterr().err
+
+
+def test_overrides_parse_as_flower_parses_them():
+    from uirl.launch.run_config import parse_overrides
+
+    assert parse_overrides("lr=0.01 dp=false run-name='a b' seed=3") == {
+        "lr": 0.01, "dp": False, "run-name": "a b", "seed": 3}
+    assert parse_overrides(None) == {} and parse_overrides("  ") == {}

@@ -26,9 +26,12 @@ def _stop_on_sigterm(*_) -> None:
 def _deploy(args: argparse.Namespace) -> int:
     from uirl.launch.deployment import Deployment
     from uirl.launch.output import ConciseLog
+    from uirl.launch.processes import app_dir
+    from uirl.launch.run_config import check_run_config
 
     if args.silos < 1:
         raise UirlError("--silos must be >= 1")
+    check_run_config(app_dir(args.app), args.run_config, local_data=False)  # before anything starts
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         with Deployment(args.workdir, silos=args.silos, data_root=args.data_root, app=args.app) as deployment:

@@ -16,10 +16,13 @@ flower.log) is under runs/. Exit status 0 only if Flower reports the run as fini
 
 def _run(args: argparse.Namespace) -> int:
     from uirl.launch.output import ConciseLog
+    from uirl.launch.processes import app_dir
+    from uirl.launch.run_config import check_run_config
     from uirl.launch.simulation import run_simulation
 
     if args.supernodes < 1:
         raise UirlError("--supernodes must be >= 1")
+    check_run_config(app_dir(args.app), args.run_config)  # before anything starts
     print(f"uirl: {args.supernodes} simulated silos (SuperNodes), {args.cpus_per_client:g} CPU each", flush=True)
     result = run_simulation(supernodes=args.supernodes, run_config=args.run_config,
                             cpus_per_client=args.cpus_per_client, app=args.app,
