@@ -9,12 +9,12 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from helpers import tiny_config
-from server.popularity import RELEASE_MESSAGE, PriorError, _Reply, _same_catalogue, release_prior
+from server.popularity import RELEASE_MESSAGE, PriorError, _read, _Reply, _same_catalogue, release_prior
 from uirl.config import SiloConfig, from_run_config, silo_from_node_config, to_run_config
 from uirl.errors import ConfigError
 from uirl.federated import (COUNTS_ARRAY, PRIOR_ARRAY, RELEASE_METRICS, STATUS_OK, STATUS_REPLAY_REFUSED,
@@ -138,6 +138,24 @@ def test_counts_over_another_catalogue_are_left_out():
     kept = _same_catalogue(replies)
     assert [r.counts is not None for r in kept] == [True, False, True]
     assert not kept[1].metrics["accepted"] and "cover 4 items" in kept[1].why and "catalogue 5" in kept[1].why
+
+
+@pytest.mark.parametrize("metrics, counts, why", [
+    ({"silo": float("nan")}, np.ones(3), "not finite"),
+    ({"silo": 0.0, "epsilon": float("nan")}, np.ones(3), "not a number"),
+    ({"silo": 0.0, "release-noise": 1.0}, np.array([1.0, np.inf, 0.0]), "no finite count vector"),
+    ({"silo": 0.0, "release-noise": -1.0}, np.ones(3), "not a valid noise level"),
+])
+def test_a_bad_release_reply_is_left_out_with_its_reason(flower_task, metrics, counts, why):
+    """A release reply with a non-number, a non-finite label, non-finite counts or an impossible noise
+    level never reaches the prior; its row names the node and the reason."""
+    cfg = tiny_config("unused", **{"popularity-prior": True})
+    asked = Message(RecordDict(), dst_node_id=7, message_type=RELEASE_MESSAGE)
+    content = RecordDict({"metrics": MetricRecord({"status": float(STATUS_OK), **metrics}),
+                          "arrays": ArrayRecord({COUNTS_ARRAY: Array(counts)})})
+    reply = _read(cfg, Message(content, reply_to=asked))
+    assert reply.counts is None and not reply.metrics["accepted"] and why in reply.why
+    assert reply.metrics["node-id"] == 7
 
 
 def test_popularity_prior_with_secagg_needs_dp():
