@@ -6,6 +6,7 @@ import re
 import tomllib
 from pathlib import Path
 
+from uirl.cli import main
 from uirl.config import _KEYS, from_run_config, run_config_rows, run_config_table, to_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,8 @@ def _pyproject_table() -> dict:
 
 
 def test_the_readme_table_is_the_one_rendered_from_the_config_fields():
-    """Keys, defaults, meanings and their order: a changed field must be pasted into the README."""
+    """Keys, defaults, meanings and their order: a changed field must be pasted into the README
+    (``uirl config --markdown`` prints the table)."""
     assert _readme_table() == run_config_table()
 
 
@@ -36,6 +38,13 @@ def test_every_run_config_key_is_declared_once_and_is_in_pyproject():
 
 def test_pyproject_defaults_equal_the_code_defaults():
     assert to_run_config(from_run_config(_pyproject_table())) == to_run_config(from_run_config({}))
+
+
+def test_uirl_config_prints_the_table(capsys):
+    assert main(["config", "--markdown"]) == 0
+    assert capsys.readouterr().out == run_config_table()
+    assert main(["config"]) == 0
+    assert "popularity-budget" in capsys.readouterr().out
 
 
 def test_the_library_never_imports_flower():

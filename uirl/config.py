@@ -25,7 +25,7 @@ SHIPPED_MINILM = "shipped-minilm"
 
 def _key(key: str, default: Any, help: str) -> Any:
     """A config field that is also the run-config key ``key``; ``help`` is its meaning in the README's
-    table. Typed ``Any``, as :func:`dataclasses.field` is, so that the field's
+    table and in ``uirl config``. Typed ``Any``, as :func:`dataclasses.field` is, so that the field's
     annotation gives its type."""
     return field(default=default, metadata={"key": key, "help": help})
 
@@ -458,7 +458,7 @@ def run_config_rows() -> list[tuple[str, str, str]]:
 
 def run_config_table() -> str:
     """The README's run-config table (markdown), rendered from the fields, so the README cannot
-    drift from the code (tests/test_docs.py compares them)."""
+    drift from the code (tests/test_docs.py compares them; ``uirl config --markdown`` prints it)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     lines += [f"| `{key}` | {default} | {meaning} |" for key, default, meaning in run_config_rows()]
     return "\n".join(lines) + "\n"
