@@ -6,37 +6,45 @@ import re
 import tomllib
 from pathlib import Path
 
-from uirl.config import _KEYS, from_run_config, to_run_config
+from uirl.cli import main
+from uirl.config import _KEYS, from_run_config, run_config_rows, run_config_table, to_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _readme_keys() -> dict[str, str]:
+def _readme_table() -> str:
+    """The first table of the README's "Run configuration" section, with a final newline."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     section = text.split("## Run configuration", 1)[1].split("\n## ", 1)[0]
-    return dict(re.findall(r"^\| `([a-z0-9-]+)` \| ([^|]*?) \|", section, flags=re.M))
+    return re.search(r"^\|.*?\n(?!\|)", section, flags=re.M | re.S).group(0)
 
 
-def test_every_run_config_key_is_in_pyproject_and_the_readme():
-    documented = _readme_keys()
-    table = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
+def _pyproject_table() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
+
+
+def test_the_readme_table_is_the_one_rendered_from_the_config_fields():
+    """Keys, defaults, meanings and their order: a changed field must be pasted into the README
+    (``uirl config --markdown`` prints the table)."""
+    assert _readme_table() == run_config_table()
+
+
+def test_every_run_config_key_is_declared_once_and_is_in_pyproject():
+    declared = [key for key, _, _ in run_config_rows()]
+    assert len(declared) == len(set(declared)) == len(_KEYS), declared
+    table = _pyproject_table()
     assert set(table) == set(_KEYS), set(table) ^ set(_KEYS)
-    assert set(documented) == set(_KEYS), set(documented) ^ set(_KEYS)
 
 
 def test_pyproject_defaults_equal_the_code_defaults():
-    table = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
-    assert to_run_config(from_run_config(table)) == to_run_config(from_run_config({}))
+    assert to_run_config(from_run_config(_pyproject_table())) == to_run_config(from_run_config({}))
 
 
-def test_readme_defaults_equal_the_code_defaults():
-    def shown(value) -> str:
-        if isinstance(value, bool):
-            return str(value).lower()
-        return '""' if value == "" else str(value)
-
-    defaults = {key: shown(value) for key, value in to_run_config(from_run_config({})).items()}
-    assert _readme_keys() == defaults
+def test_uirl_config_prints_the_table(capsys):
+    assert main(["config", "--markdown"]) == 0
+    assert capsys.readouterr().out == run_config_table()
+    assert main(["config"]) == 0
+    assert "popularity-budget" in capsys.readouterr().out
 
 
 def test_the_library_never_imports_flower():

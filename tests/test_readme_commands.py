@@ -4,9 +4,9 @@ The commands are the lines of the README's ``bash`` blocks and the inline code s
 with ``.venv/bin/``. Each one must call an executable of the virtualenv (``.venv/bin/X`` exists, a
 ``python -m`` module is found) or a system tool named below; a bare ``uirl ...`` or ``python -m ...``
 would fail in a fresh shell. Cheap commands then run for real, in a fresh environment (minimal
-PATH, empty HOME): every subcommand's and module's ``--help``, the MovieLens-layout data through
-``uirl data convert`` and ``uirl data stats``, and ``uirl show/export/embed/recommend`` on a run
-directory with the tiny test model. The README's test command is the one ``.ci/run`` runs.
+PATH, empty HOME): every subcommand's and module's ``--help``, ``uirl config``, the MovieLens-layout
+data through ``uirl data convert`` and ``uirl data stats``, and ``uirl show/export/embed/recommend``
+on a run directory with the tiny test model. The README's test command is the one ``.ci/run`` runs.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ SYSTEM = {"export", "mkdir", "printf", "docker", "sudo", "source", "cd", "python
 RUN_AS_WRITTEN = [
     ".venv/bin/python -m simulation.movielens_demo data/ml100k-demo",
     ".venv/bin/uirl data convert --format movielens data/ml100k-demo data/ml100k-demo-uirl",
+    ".venv/bin/uirl config",
     ".venv/bin/uirl show runs/<timestamp>",
     ".venv/bin/uirl export runs/<run> exported-model",
     ".venv/bin/uirl embed runs/<run>/final --out users.parquet",

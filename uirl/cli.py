@@ -18,6 +18,7 @@ from uirl.errors import UirlError
 COMMANDS = (
     "run",
     "deploy",
+    "config",
     "data",
     "show",
     "embed",

