@@ -1,5 +1,6 @@
 """The launchers' pieces that need no Flower process: what the console shows, the status line's
-phase from the run directory's files, the run-info file, and finding only our own processes."""
+phase from the run directory's files, the run-info file, finding only our own processes, and the
+server's bounded wait for its silos."""
 
 from __future__ import annotations
 
@@ -109,3 +110,37 @@ def test_overrides_parse_as_flower_parses_them():
     assert parse_overrides("lr=0.01 dp=false run-name='a b' seed=3") == {
         "lr": 0.01, "dp": False, "run-name": "a b", "seed": 3}
     assert parse_overrides(None) == {} and parse_overrides("  ") == {}
+
+
+def test_min_nodes_above_the_silos_started_is_refused_before_anything_starts(monkeypatch, capsys):
+    import uirl.launch.deployment as deployment
+    import uirl.launch.simulation as simulation
+    from uirl.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("a process was started for a run that could never get its silos")
+
+    monkeypatch.setattr(simulation, "run_simulation", started)
+    monkeypatch.setattr(deployment, "Deployment", started)
+    assert main(["run", "--supernodes", "2", "--run-config", "min-nodes=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "field 'min-nodes' = 3: expected at most the 2 silos" in err and len(err.splitlines()) == 1, err
+    assert main(["deploy", "--silos", "2", "--run-config", "min-nodes=3"]) == 2
+    assert "'min-nodes' = 3" in capsys.readouterr().err
+
+
+def test_the_server_says_what_it_waits_for_and_fails_the_run_after_the_timeout():
+    from server.nodes import wait_for_nodes
+    from uirl.errors import RunFailed
+
+    class Grid:  # two silos connect, the third never does
+        def get_node_ids(self):
+            return [11, 12]
+
+    said: list[str] = []
+    start = time.monotonic()
+    with pytest.raises(RunFailed, match="only 2 of the 3 silos .* node-wait-timeout = 0.3 s"):
+        wait_for_nodes(Grid(), 3, timeout=0.3, report_every=0.1, poll=0.02, say=said.append)
+    assert time.monotonic() - start < 2
+    assert len(said) >= 2 and said[0].startswith("uirl: waiting for 3 silos, 2 connected"), said
+    assert wait_for_nodes(Grid(), 2, timeout=0.1, say=said.append) == [11, 12]

@@ -31,7 +31,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
     if args.silos < 1:
         raise UirlError("--silos must be >= 1")
-    check_run_config(app_dir(args.app), args.run_config, local_data=False)  # before anything starts
+    check_run_config(app_dir(args.app), args.run_config, local_data=False, nodes=args.silos)  # before anything starts
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         with Deployment(args.workdir, silos=args.silos, data_root=args.data_root, app=args.app) as deployment:

@@ -22,7 +22,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.supernodes < 1:
         raise UirlError("--supernodes must be >= 1")
-    check_run_config(app_dir(args.app), args.run_config)  # before anything starts
+    check_run_config(app_dir(args.app), args.run_config, nodes=args.supernodes)  # before anything starts
     print(f"uirl: {args.supernodes} simulated silos (SuperNodes), {args.cpus_per_client:g} CPU each", flush=True)
     result = run_simulation(supernodes=args.supernodes, run_config=args.run_config,
                             cpus_per_client=args.cpus_per_client, app=args.app,
