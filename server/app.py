@@ -10,8 +10,9 @@ twice. With ``popularity-prior`` each silo first releases its item counts once
 (:mod:`server.popularity`), and the prior built from them goes out with every message.
 
 The run fails (the ServerApp raises :class:`uirl.errors.RunFailed`, Flower reports the run as
-failed, and no ``final/`` is written) when a round has fewer valid updates than ``min-nodes`` or
-the model is no longer finite.
+failed, and no ``final/`` is written) when a round has fewer valid updates than ``min-nodes``, when
+fewer than ``min-nodes`` silos are connected ``node-wait-timeout`` seconds after the server started
+waiting for them (:mod:`server.nodes`), or when the model is no longer finite.
 
 The loop is written out (rather than ``strategy.start``) so checkpoints and resume sit between
 rounds; the strategy object is built in one place (:func:`build_strategy`). With run-config ``secagg`` the
@@ -29,6 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from server.nodes import wait_for_nodes
 from server.popularity import release_prior
 from server.secagg import secagg_train
 from server.strategy import ValidatingFedAvg
@@ -178,6 +180,11 @@ def main(grid: Grid, context: Context) -> None:
     announce(run.path, run_id=context.run_id)
     print(f"uirl: run directory {run.path}", flush=True)
     recorder = _Recorder(run)
+
+    def nodes_ready() -> None:  # Flower's own wait (in the strategy) has no end and no visible message
+        wait_for_nodes(grid, fed.min_nodes, timeout=fed.node_wait_timeout)
+
+    nodes_ready()
     strategy = build_strategy(cfg, set(model.trainable_state()), recorder, _prior(grid, cfg, run, recorder))
     arrays = ArrayRecord({name: Array(value) for name, value in state.items()})
 
@@ -191,6 +198,7 @@ def main(grid: Grid, context: Context) -> None:
         if not _evaluates(cfg, server_round):
             recorder.finish_round(server_round, {})
             return
+        nodes_ready()
         replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
                                         timeout=REPLY_TIMEOUT)
         strategy.aggregate_evaluate(server_round, replies)
@@ -199,6 +207,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluate(0)
     for server_round in range(done + 1, fed.num_rounds + 1):
         train_config = ConfigRecord({"run-name": run.path.name, "silo-rounds": _silo_rounds(run.ledger)})
+        nodes_ready()
         if fed.secagg:
             aggregated = secagg_train(grid, context, cfg, strategy, server_round, arrays, train_config,
                                       timeout=REPLY_TIMEOUT)

@@ -1,11 +1,13 @@
 """The launchers' pieces that need no Flower process: what the console shows, the status line's
-phase from the run directory's files, the run-info file, and finding only our own processes."""
+phase from the run directory's files, the run-info file, finding only our own processes, the
+server's bounded wait for its silos; and one real ``uirl run`` stopped by SIGTERM."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -109,3 +111,97 @@ def test_overrides_parse_as_flower_parses_them():
     assert parse_overrides("lr=0.01 dp=false run-name='a b' seed=3") == {
         "lr": 0.01, "dp": False, "run-name": "a b", "seed": 3}
     assert parse_overrides(None) == {} and parse_overrides("  ") == {}
+
+
+def test_min_nodes_above_the_silos_started_is_refused_before_anything_starts(monkeypatch, capsys):
+    import uirl.launch.deployment as deployment
+    import uirl.launch.simulation as simulation
+    from uirl.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("a process was started for a run that could never get its silos")
+
+    monkeypatch.setattr(simulation, "run_simulation", started)
+    monkeypatch.setattr(deployment, "Deployment", started)
+    assert main(["run", "--supernodes", "2", "--run-config", "min-nodes=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "field 'min-nodes' = 3: expected at most the 2 silos" in err and len(err.splitlines()) == 1, err
+    assert main(["deploy", "--silos", "2", "--run-config", "min-nodes=3"]) == 2
+    assert "'min-nodes' = 3" in capsys.readouterr().err
+
+
+def test_the_server_says_what_it_waits_for_and_fails_the_run_after_the_timeout():
+    from server.nodes import wait_for_nodes
+    from uirl.errors import RunFailed
+
+    class Grid:  # two silos connect, the third never does
+        def get_node_ids(self):
+            return [11, 12]
+
+    said: list[str] = []
+    start = time.monotonic()
+    with pytest.raises(RunFailed, match="only 2 of the 3 silos .* node-wait-timeout = 0.3 s"):
+        wait_for_nodes(Grid(), 3, timeout=0.3, report_every=0.1, poll=0.02, say=said.append)
+    assert time.monotonic() - start < 2
+    assert len(said) >= 2 and said[0].startswith("uirl: waiting for 3 silos, 2 connected"), said
+    assert wait_for_nodes(Grid(), 2, timeout=0.1, say=said.append) == [11, 12]
+
+
+def test_interrupted_launch_reports_its_signal_and_exit_status():
+    from uirl.commands.run import stopping_on_signals
+    from uirl.launch.processes import Interrupted, describe_stopped
+
+    def launch() -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    assert stopping_on_signals(launch) == 143
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
+    assert Interrupted(signal.SIGINT).exit_status == 130
+    assert describe_stopped({1: "raylet", 2: "ray::IDLE", 3: "ray::IDLE"}) == "3 processes: 2 x ray::IDLE, raylet"
+
+
+def _marks(pid: int) -> str | None:
+    """The launch mark (``UIRL_LAUNCH_ID``) in the environment of process ``pid``."""
+    from uirl.launch.processes import LAUNCH_ENV
+
+    try:
+        for entry in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+            if entry.startswith(f"{LAUNCH_ENV}=".encode()):
+                return entry.decode().split("=", 1)[1]
+    except OSError:
+        pass
+    return None
+
+
+def test_sigterm_stops_uirl_run_and_every_process_of_its_run(tmp_path, tiny_bert):
+    """A real ``uirl run`` (SuperLink, Flower's simulation runtime, Ray) stopped by SIGTERM during
+    round 1: exit status 143, one line saying what was stopped, and no process of the run left --
+    neither one below the wrapper nor one that only carries the run's mark (Ray's)."""
+    from uirl.launch.processes import _alive, descendants, executable, launch_processes, process_name
+
+    run_config = (f"model-name='{tiny_bert}' num-server-rounds=50 synthetic-users=90 synthetic-items=300 "
+                  f"max-history=4 eval-negatives=9 batch-users=8 lora-r=4 max-tokens=16 "
+                  f"run-dir='{tmp_path / 'runs'}' run-name='sigterm'")
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"))
+    wrapper = subprocess.Popen([executable("uirl"), "run", "--supernodes", "2", "--run-config", run_config],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        assert wrapper.stdout is not None
+        for line in wrapper.stdout:  # the run is under way once round 0 is shown
+            if line.startswith("round=0"):
+                break
+        marks = {_marks(pid) for pid in descendants(wrapper.pid)} - {None}
+        assert len(marks) == 1, marks
+        run = set(descendants(wrapper.pid)) | set(launch_processes(marks.pop()))
+        assert any(process_name(pid).startswith("ray::") for pid in run)  # Ray's workers are among them
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(timeout=60) == 143
+        rest = wrapper.stdout.read()
+        assert "uirl: interrupted by SIGTERM; stopped" in rest and "flower-superlink" in rest, rest[-2000:]
+        assert _alive(list(run)) == [], [process_name(pid) for pid in _alive(list(run))]
+    finally:
+        if wrapper.poll() is None:
+            stop_tree(wrapper.pid, grace=0)

@@ -273,6 +273,10 @@ class FederationConfig:
         "min-nodes", 2,
         "wait for this many connected silos before the first round; a round with fewer valid updates than this (or "
         "than the silos asked, if fewer) fails the run")
+    node_wait_timeout: float = _key(
+        "node-wait-timeout", 300.0,
+        "seconds the server waits for `min-nodes` connected silos (before the first round and before each later "
+        "one) before it fails the run; it says every 10 s how many it waits for")
     max_update_norm: float | None = _key(
         "max-update-norm", None,
         "the server rejects an update whose L2 norm (distance from the global model) exceeds this; `auto`: per silo, "
@@ -324,6 +328,7 @@ class FederationConfig:
         if self.max_update_norm is not None:
             _check(self.max_update_norm > 0, "max-update-norm", self.max_update_norm, "'auto' or a number > 0")
         _check(self.min_nodes >= 1, "min-nodes", self.min_nodes, "an integer >= 1")
+        _check(self.node_wait_timeout > 0, "node-wait-timeout", self.node_wait_timeout, "a number of seconds > 0")
         _check(self.checkpoint_keep >= 1, "checkpoint-keep", self.checkpoint_keep, "an integer >= 1")
         _check(self.central_dp in ("", "fixed"), "central-dp", self.central_dp, "'' (off) or 'fixed'")
         _check(self.central_clip > 0, "central-clip", self.central_clip, "a number > 0")

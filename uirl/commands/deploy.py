@@ -4,23 +4,18 @@ authentication), then the app run on them. See :mod:`uirl.launch.deployment`."""
 from __future__ import annotations
 
 import argparse
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from uirl.errors import UirlError
 
-from uirl.commands.run import add_common_arguments
+from uirl.commands.run import add_common_arguments, stopping_on_signals
 
 _DESCRIPTION = """Deploy on this machine: make credentials, start flower-superlink (TLS, SuperNode
 authentication) and one flower-supernode per silo on 127.0.0.1, register the silos' keys, run the
 app, check its status, and stop every process it started (by PID), also on Ctrl-C or an error.
 Exit status 0 only if Flower reports the run as finished:completed."""
-
-
-def _stop_on_sigterm(*_) -> None:
-    raise KeyboardInterrupt
 
 
 def _deploy(args: argparse.Namespace) -> int:
@@ -31,24 +26,24 @@ def _deploy(args: argparse.Namespace) -> int:
 
     if args.silos < 1:
         raise UirlError("--silos must be >= 1")
-    check_run_config(app_dir(args.app), args.run_config, local_data=False)  # before anything starts
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    try:
-        with Deployment(args.workdir, silos=args.silos, data_root=args.data_root, app=args.app) as deployment:
-            deployment.up(unregistered=args.unregistered)
-            print(f"uirl: SuperLink on 127.0.0.1:{deployment.port} (TLS, SuperNode authentication), "
-                  f"{args.silos} SuperNodes; logs in {deployment.procs.log_dir}", flush=True)
-            status, _ = deployment.run_app(args.run_config, log=ConciseLog(verbose=args.verbose))
-            if deployment.run_dir is not None:
-                print(f"uirl: run directory {deployment.run_dir} (Flower's log: flower.log)", flush=True)
-    except KeyboardInterrupt:
-        print("uirl: interrupted; every process started was stopped", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
-        print(f"uirl: deployment failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"uirl: flower run status: {status}", flush=True)
-    return 0 if status == "finished:completed" else 1
+    check_run_config(app_dir(args.app), args.run_config, local_data=False, nodes=args.silos)  # before anything starts
+
+    def launch() -> int:
+        try:
+            with Deployment(args.workdir, silos=args.silos, data_root=args.data_root, app=args.app) as deployment:
+                deployment.up(unregistered=args.unregistered)
+                print(f"uirl: SuperLink on 127.0.0.1:{deployment.port} (TLS, SuperNode authentication), "
+                      f"{args.silos} SuperNodes; logs in {deployment.procs.log_dir}", flush=True)
+                status, _ = deployment.run_app(args.run_config, log=ConciseLog(verbose=args.verbose))
+                if deployment.run_dir is not None:
+                    print(f"uirl: run directory {deployment.run_dir} (Flower's log: flower.log)", flush=True)
+        except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+            print(f"uirl: deployment failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"uirl: flower run status: {status}", flush=True)
+        return 0 if status == "finished:completed" else 1
+
+    return stopping_on_signals(launch)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -4,6 +4,8 @@ made safe), with a real success check. See :mod:`uirl.launch.simulation`."""
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from uirl.errors import UirlError
@@ -22,15 +24,33 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.supernodes < 1:
         raise UirlError("--supernodes must be >= 1")
-    check_run_config(app_dir(args.app), args.run_config)  # before anything starts
+    check_run_config(app_dir(args.app), args.run_config, nodes=args.supernodes)  # before anything starts
     print(f"uirl: {args.supernodes} simulated silos (SuperNodes), {args.cpus_per_client:g} CPU each", flush=True)
-    result = run_simulation(supernodes=args.supernodes, run_config=args.run_config,
-                            cpus_per_client=args.cpus_per_client, app=args.app,
-                            log=ConciseLog(verbose=args.verbose))
-    if result.run_dir is not None and (result.run_dir / "flower.log").is_file():
-        print(f"uirl: full Flower log in {result.run_dir / 'flower.log'}", flush=True)
-    print(f"uirl: flower run status: {result.status}", flush=True)
-    return 0 if result.status == "finished:completed" else 1
+
+    def launch() -> int:
+        result = run_simulation(supernodes=args.supernodes, run_config=args.run_config,
+                                cpus_per_client=args.cpus_per_client, app=args.app,
+                                log=ConciseLog(verbose=args.verbose))
+        if result.run_dir is not None and (result.run_dir / "flower.log").is_file():
+            print(f"uirl: full Flower log in {result.run_dir / 'flower.log'}", flush=True)
+        print(f"uirl: flower run status: {result.status}", flush=True)
+        return 0 if result.status == "finished:completed" else 1
+
+    return stopping_on_signals(launch)
+
+
+def stopping_on_signals(launch: Callable[[], int]) -> int:
+    """``launch()``'s exit status; on SIGINT or SIGTERM, once every process it started is stopped,
+    one line saying so and exit status 130 (SIGINT) or 143 (SIGTERM)."""
+    from uirl.launch.processes import Interrupted, describe_stopped, interruptible
+
+    try:
+        with interruptible():
+            return launch()
+    except Interrupted as exc:
+        print(f"uirl: interrupted by {exc.signal_name}; stopped {describe_stopped(exc.stopped)}",
+              file=sys.stderr, flush=True)
+        return exc.exit_status
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,8 @@ separate processes on 127.0.0.1, with TLS and SuperNode authentication, then the
 5. ``flwr run . deploy --stream``, then the run's status from ``flwr ls`` (``flwr run`` exits 0
    even when the ServerApp fails); the run directory from the file the ServerApp writes, where
    Flower's output is kept as ``flower.log``;
-6. every process it started is stopped by PID, also on Ctrl-C or an error.
+6. every process it started is stopped by PID (and any other process started with its environment,
+   e.g. the ClientApps the SuperNodes start), also on SIGINT/SIGTERM or an error.
 
 The run directory is under ``WORKDIR/runs`` unless the run config sets ``run-dir``; logs of every
 process are in ``WORKDIR/logs``.
@@ -57,8 +58,8 @@ class Deployment:
     def __enter__(self) -> "Deployment":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.procs.stop_all()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.procs.__exit__(exc_type, exc, tb)  # stops every process, and says so to an Interrupted
 
     def make_credentials(self, num_keys: int) -> None:
         script = self.app / CREDENTIALS_SCRIPT

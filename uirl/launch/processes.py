@@ -6,10 +6,20 @@ Flower is only ever started as a subprocess (its ``flwr``, ``flower-superlink`` 
 ``flower-supernode`` executables): the library never imports it. Everything started here is
 stopped by its PID, together with the processes it started (found through ``/proc``) -- never by
 a name pattern that could hit someone else's processes.
+
+Not every process of a launch stays a descendant of the wrapper: ``flwr run`` starts the local
+SuperLink in a session of its own, and the SuperLink outlives ``flwr run`` (re-parented to init
+once ``flwr run`` ends or is stopped); Flower's simulation runtime and Ray's processes (GCS server,
+raylet, dashboard, workers) hang below the SuperLink, in yet another session. Every one of them
+inherits the environment, so :func:`flower_env` marks the launch there (``UIRL_LAUNCH_ID``, unique per launch)
+and :func:`stop_launch` stops every process of this user that carries the mark.
+:func:`interruptible` turns SIGINT and SIGTERM into :class:`Interrupted`, so that the launchers'
+clean-up runs on a signal as on any error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from uirl.errors import UirlError
@@ -85,10 +96,15 @@ def executable(name: str) -> str:
     return str(exe) if exe.exists() else (shutil.which(name) or name)
 
 
+#: The environment variable that marks every process of one launch (see the module's docstring).
+LAUNCH_ENV = "UIRL_LAUNCH_ID"
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(FLOWER_ENV)
     env["FLWR_HOME"] = str(flwr_home)
+    env[LAUNCH_ENV] = uuid.uuid4().hex
     env.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
@@ -153,16 +169,115 @@ def _alive(pids: list[int]) -> list[int]:
     return alive
 
 
-def stop_tree(pid: int, *, grace: float = 10.0) -> None:
-    """Stop process ``pid`` and every process below it: SIGTERM, then SIGKILL whatever
-    is left after ``grace`` seconds (``grace=0``: SIGKILL at once, as a crash would)."""
-    tree = [pid, *descendants(pid)]
+def process_name(pid: int) -> str:
+    """What a user would call process ``pid``: the program it runs (``flower-superlink``, ``raylet``,
+    ``ray::ClientAppActor``), or the module or script a Python interpreter runs."""
+    try:
+        words = [w.decode(errors="replace") for w in (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0") if w]
+    except OSError:
+        return "?"
+    if not words:
+        return "?"
+    words = words[0].split() + words[1:]  # a process that set its title writes it as one word
+    name = os.path.basename(words[0])
+    if name.startswith("python"):
+        name = next((os.path.basename(w) for w in words[1:] if not w.startswith("-")), name)
+    return name
+
+
+def _kill(pids: list[int], *, grace: float) -> dict[int, str]:
+    """SIGTERM ``pids``, SIGKILL whatever is left after ``grace`` seconds (``grace=0``: at once);
+    return the living ones' names."""
+    names = {pid: process_name(pid) for pid in _alive(pids)}
     if grace > 0:
-        _signal_all(tree, signal.SIGTERM)
+        _signal_all(list(names), signal.SIGTERM)
         deadline = time.time() + grace
-        while time.time() < deadline and _alive(tree):
+        while time.time() < deadline and _alive(list(names)):
             time.sleep(0.1)
-    _signal_all(_alive(tree + descendants(pid)), signal.SIGKILL)
+    _signal_all(_alive(list(names)), signal.SIGKILL)
+    return names
+
+
+def stop_tree(pid: int, *, grace: float = 10.0) -> dict[int, str]:
+    """Stop process ``pid`` and every process below it: SIGTERM, then SIGKILL whatever
+    is left after ``grace`` seconds (``grace=0``: SIGKILL at once, as a crash would).
+    Returns the names of the processes it stopped, by PID."""
+    stopped = _kill([pid, *descendants(pid)], grace=grace)
+    stopped.update(_kill(descendants(pid), grace=0))  # any started meanwhile
+    return stopped
+
+
+def launch_processes(launch_id: str) -> list[int]:
+    """PIDs of this user's processes whose environment marks them as started by launch ``launch_id``
+    (``UIRL_LAUNCH_ID``; see the module's docstring), never the calling process."""
+    mark = f"{LAUNCH_ENV}={launch_id}".encode()
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if proc.stat().st_uid != os.getuid() or int(proc.name) == os.getpid():
+                continue
+            if mark in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def stop_launch(env: dict[str, str], *, grace: float = 10.0) -> dict[int, str]:
+    """Stop every process started with ``env`` (a :func:`flower_env`), wherever it sits in the
+    process tree: the SuperLink, Flower's simulation runtime, Ray's processes. Returns the names of
+    the processes it stopped, by PID."""
+    stopped: dict[int, str] = {}
+    for _ in range(5):  # a dying process may still start another (Ray restarts its workers)
+        pids = _alive(launch_processes(env[LAUNCH_ENV]))
+        if not pids:
+            break
+        stopped.update(_kill(pids, grace=grace))
+    return stopped
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached a launcher. ``stopped`` collects the names of the processes the
+    clean-up stopped, by PID, as the exception passes through it; the command exits ``128 + signum``
+    (130 for SIGINT, 143 for SIGTERM), as a shell reports a process killed by the signal."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.stopped: dict[int, str] = {}
+        super().__init__(self.signal_name)
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Within the block, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, so every
+    ``finally``/``with`` clean-up runs. Further signals are ignored while the clean-up runs."""
+    def interrupt(signum, _frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def describe_stopped(stopped: dict[int, str]) -> str:
+    """``"5 processes: flower-superlink, flwr, raylet, 2 x ray::ClientAppActor"``."""
+    if not stopped:
+        return "no process was running yet"
+    counts: dict[str, int] = {}
+    for name in stopped.values():
+        counts[name] = counts.get(name, 0) + 1
+    names = ", ".join(name if n == 1 else f"{n} x {name}" for name, n in sorted(counts.items()))
+    return f"{len(stopped)} process{'es' if len(stopped) > 1 else ''}: {names}"
 
 
 class Processes:
@@ -186,22 +301,33 @@ class Processes:
         path = self.log_dir / f"{name}.log"
         return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
 
-    def stop(self, name: str, *, grace: float = 10.0) -> None:
-        """Stop process ``name`` and its descendants (``grace=0``: kill at once, like a crash)."""
+    def stop(self, name: str, *, grace: float = 10.0) -> dict[int, str]:
+        """Stop process ``name`` and its descendants (``grace=0``: kill at once, like a crash);
+        return the names of the processes stopped, by PID."""
         proc = self.procs.pop(name, None)
-        if proc is not None:
-            stop_tree(proc.pid, grace=grace)
-            proc.wait(timeout=grace + 5)
+        if proc is None:
+            return {}
+        stopped = stop_tree(proc.pid, grace=grace)
+        proc.wait(timeout=grace + 5)
+        return stopped
 
-    def stop_all(self) -> None:
+    def stop_all(self) -> dict[int, str]:
+        """Stop every process, then any other process started with this environment (see
+        :func:`stop_launch`); return the names of the processes stopped, by PID."""
+        stopped: dict[int, str] = {}
         for name in list(self.procs)[::-1]:  # SuperNodes before the SuperLink they talk to
-            self.stop(name)
+            stopped.update(self.stop(name))
+        if LAUNCH_ENV in self.env:
+            stopped.update(stop_launch(self.env))
+        return stopped
 
     def __enter__(self) -> "Processes":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop_all()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        stopped = self.stop_all()
+        if isinstance(exc, Interrupted):
+            exc.stopped.update(stopped)
 
 
 def run_status(run_id: int, connection: str, env: dict[str, str]) -> str:
@@ -232,6 +358,9 @@ def stream_run(cmd: list[str], *, cwd: Path, env: dict[str, str], log, timeout: 
             log.write(line)
             log.flush()
         proc.wait()
+    except Interrupted as exc:
+        exc.stopped.update(stop_tree(proc.pid))
+        raise
     finally:
         if timer is not None:
             timer.cancel()

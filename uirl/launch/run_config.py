@@ -50,11 +50,16 @@ def app_defaults(app: Path) -> dict[str, Any]:
         raise ConfigError(f"{app / 'pyproject.toml'}: no readable [tool.flwr.app.config] ({exc})") from None
 
 
-def check_run_config(app: Path, text: str | None, *, local_data: bool = True) -> Config:
+def check_run_config(app: Path, text: str | None, *, local_data: bool = True, nodes: int | None = None) -> Config:
     """The run's configuration, or a :class:`ConfigError`. With ``local_data`` (a simulation on this
     machine) a converted ``dataset`` must be an absolute path to a directory ``uirl data convert``
-    wrote; in a deployment it names a directory on the silos' machines, which this one cannot check."""
+    wrote; in a deployment it names a directory on the silos' machines, which this one cannot check.
+    With ``nodes`` (the SuperNodes the wrapper starts) ``min-nodes`` must not ask for more: the
+    server would wait ``node-wait-timeout`` seconds for silos that never come."""
     cfg = from_run_config({**app_defaults(app), **parse_overrides(text)})
+    if nodes is not None and cfg.federation.min_nodes > nodes:
+        raise ConfigError(f"expected at most the {nodes} silos (SuperNodes) this command starts",
+                          field="min-nodes", value=cfg.federation.min_nodes)
     dataset = cfg.data.dataset
     if local_data and dataset != "synthetic":
         path = Path(dataset)

@@ -10,7 +10,10 @@ Does what a careful user would do by hand with ``flwr run . local --stream``:
   for the run's final status, because ``flwr run --stream`` exits 0 even when the ServerApp fails;
 - learns the run directory from the file the ServerApp writes (:func:`uirl.rundir.announce`), and
   keeps Flower's full log there as ``flower.log``;
-- stops the SuperLink it started (by PID, found by the port it gave it) when the run is over.
+- stops the SuperLink it started (by PID, found by the port it gave it) when the run is over, and
+  every other process of the run (Flower's simulation runtime, Ray's processes: found by the mark
+  :func:`~uirl.launch.processes.flower_env` puts in their environment), also on SIGINT/SIGTERM
+  (:class:`~uirl.launch.processes.Interrupted`) or an error.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from uirl.launch.output import read_run_info, strip_ansi
-from uirl.launch.processes import (app_dir, executable, flower_env, own_processes, run_status, stop_tree,
-                                   stream_run)
+from uirl.launch.processes import (Interrupted, app_dir, executable, flower_env, own_processes, run_status,
+                                   stop_launch, stop_tree, stream_run)
 from uirl.rundir import RUN_INFO_ENV
 
 CONFIG_TOML = """[superlink]
@@ -42,11 +45,15 @@ class RunResult(NamedTuple):
     run_dir: Path | None  # the run directory the ServerApp wrote (None if it never got that far)
 
 
-def stop_superlink(env: dict[str, str]) -> None:
+def stop_superlink(env: dict[str, str]) -> dict[int, str]:
     """Stop the local SuperLink that ``flwr run`` started in the background (the one serving the
-    port this wrapper chose), and its children."""
+    port this wrapper chose), its children, and every other process started with ``env``; return
+    the names of the processes stopped, by PID."""
+    stopped: dict[int, str] = {}
     for pid in own_processes("flower-superlink", env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]):
-        stop_tree(pid)
+        stopped.update(stop_tree(pid))
+    stopped.update(stop_launch(env))
+    return stopped
 
 
 def keep_flower_log(run_dir: Path | None, text: str) -> Path | None:
@@ -83,6 +90,9 @@ def run_simulation(*, supernodes: int, run_config: str | None, cpus_per_client: 
         run_dir = read_run_info(run_info)
         keep_flower_log(run_dir, text)
         return RunResult(status, text, run_dir)
+    except Interrupted as exc:
+        exc.stopped.update(stop_superlink(env))
+        raise
     finally:
-        stop_superlink(env)
+        stop_superlink(env)  # nothing left to stop after an interruption
         shutil.rmtree(scratch, ignore_errors=True)
