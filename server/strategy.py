@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from uirl.aggregation import UpdateRejected, aggregate_bound, check_update, combine
+from uirl.aggregation import UpdateRejected, check_update, combine_checked
 from uirl.config import Config
 from uirl.engine import central_noise, weighted_metrics
 from uirl.federated import EVAL_METRICS, PRIOR_ARRAY, STATUS_MEANING
@@ -184,16 +184,15 @@ class ValidatingFedAvg(FedAvg):
         fed = self.cfg.federation
         current = {name: self._global[name] for name in self.trainable}
         updates = [reply.update for reply in kept]
-        if fed.central_dp:  # the noise is as long as it must be: check only that it stayed finite
-            new = central_dp_aggregate(current, updates, clip=fed.central_clip,
-                                       noise_multiplier=central_noise(self.cfg), expected_silos=max(self._asked, 1),
-                                       rng=np.random.default_rng())
-            bound = np.inf
-        else:
-            new = combine(fed.aggregation, updates, [reply.weight for reply in kept], trim_fraction=fed.trim_fraction)
-            bound = aggregate_bound(fed.aggregation, [reply.bound for reply in kept])
         try:
-            check_update(new, current, self.trainable, bound)
+            if fed.central_dp:  # the noise is as long as it must be: check only that it stayed finite
+                new = central_dp_aggregate(current, updates, clip=fed.central_clip,
+                                           noise_multiplier=central_noise(self.cfg),
+                                           expected_silos=max(self._asked, 1), rng=np.random.default_rng())
+                check_update(new, current, self.trainable, np.inf)
+            else:
+                new = combine_checked(fed.aggregation, current, updates, [reply.weight for reply in kept],
+                                      [reply.bound for reply in kept], trim_fraction=fed.trim_fraction)
         except UpdateRejected as why:
             log(WARNING, "round %d: the aggregate of %d updates was not applied: %s", server_round, len(kept), why)
             return None, f"the aggregate was not applied: {why}"

@@ -162,3 +162,13 @@ def aggregate_bound(rule: str, bounds: Sequence[float]) -> float:
     """
     largest = max(bounds)
     return largest if rule == "fedavg" else largest * math.sqrt(len(bounds))
+
+
+def combine_checked(rule: str, current: dict[str, np.ndarray], updates: Sequence[dict[str, np.ndarray]],
+                    weights: Sequence[float], bounds: Sequence[float], *, trim_fraction: float
+                    ) -> dict[str, np.ndarray]:
+    """:func:`combine`, then the result checked like any update against ``current`` (the trainable
+    arrays): finite, and no farther than :func:`aggregate_bound` allows. Raises :class:`UpdateRejected`."""
+    new = combine(rule, updates, weights, trim_fraction=trim_fraction)
+    check_update(new, current, set(current), aggregate_bound(rule, bounds))
+    return new

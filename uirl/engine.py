@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from uirl.aggregation import UpdateRejected, aggregate_bound, check_update, combine
+from uirl.aggregation import UpdateRejected, combine_checked
 from uirl.config import Config, SiloConfig
 from uirl.errors import UirlError
 from uirl.federated import hash_seed, local_evaluate, local_release, local_train
@@ -103,12 +103,11 @@ def _combined(cfg: Config, state: dict[str, np.ndarray], kept: list[TrainReply])
     """The kept updates combined by the run's ``aggregation`` rule, or None if the result is not
     finite or moves the model farther than its inputs could (as the ServerApp's strategy)."""
     fed = cfg.federation
-    new = combine(fed.aggregation, [r.update for r in kept], [r.weight for r in kept], trim_fraction=fed.trim_fraction)
     try:
-        check_update(new, state, set(new), aggregate_bound(fed.aggregation, [r.bound for r in kept]))
+        return combine_checked(fed.aggregation, {n: state[n] for n in kept[0].update}, [r.update for r in kept],
+                               [r.weight for r in kept], [r.bound for r in kept], trim_fraction=fed.trim_fraction)
     except UpdateRejected:
         return None
-    return new
 
 
 def run_federated(cfg: Config, num_silos: int, *,

@@ -225,17 +225,15 @@ def score_users_full(model: InterestModel, bank: TextBank, users: Sequence[UserD
                                     extra_keys=items if catalogue else ())
     device = next(model.parameters()).device
     everything = torch.stack([vectors[i] for i in items]).unsqueeze(0).to(device) if catalogue else None
-    everything_prior = bank.prior_of(items)
+    everything_prior = bank.prior_row(items, device) if catalogue else None
     out = []
     with torch.no_grad():
         for user, (rep, cands) in zip(users, reps):
             target = user.test_candidates if split == "test" else user.valid_candidates
-            prior = bank.prior_of(target)
-            fixed = model.score_rep(rep, cands, None if prior is None else prior[None].to(device))[0]
+            fixed = model.score_rep(rep, cands, bank.prior_row(target, device))[0]
             full = None
             if everything is not None:
-                full = model.score_rep(rep, everything, None if everything_prior is None
-                                       else everything_prior[None].to(device))[0].cpu().numpy()
+                full = model.score_rep(rep, everything, everything_prior)[0].cpu().numpy()
             out.append((fixed.cpu().numpy(), full))
     return out
 

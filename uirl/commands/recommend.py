@@ -19,12 +19,6 @@ from uirl.commands.embed import add_model_arguments, atomic_output, load
 from uirl.errors import UirlError
 
 
-def _prior(bank, item_ids, device):
-    """(1, len) popularity prior of ``item_ids`` for ``score_rep``, or None for a model without one."""
-    values = bank.prior_of(item_ids)
-    return None if values is None else values[None].to(device)
-
-
 def _recommend(args: argparse.Namespace) -> int:
     import torch
 
@@ -46,7 +40,7 @@ def _recommend(args: argparse.Namespace) -> int:
                                             extra_keys=catalogue if split == "full" else ())
             if split == "full":
                 items = torch.stack([vectors[i] for i in catalogue]).unsqueeze(0)
-                everything_prior = _prior(bank, catalogue, device)
+                everything_prior = bank.prior_row(catalogue, device)
             for user, (rep, cands) in zip(silo.users, reps):
                 if split == "full":
                     ids = catalogue
@@ -56,7 +50,7 @@ def _recommend(args: argparse.Namespace) -> int:
                                                 float("-inf"))
                 else:
                     ids = list(user.test_candidates)
-                    scores = model.score_rep(rep, cands, _prior(bank, ids, device))[0]
+                    scores = model.score_rep(rep, cands, bank.prior_row(ids, device))[0]
                 k = min(args.k, int(torch.isfinite(scores).sum()))
                 top = torch.topk(scores, k)
                 results.append((user.user_id, [ids[i] for i in top.indices.tolist()],

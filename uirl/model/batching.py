@@ -68,6 +68,11 @@ class TextBank:
             return None
         return torch.tensor([self.prior.get(i, 0.0) for i in item_ids], dtype=torch.float32)
 
+    def prior_row(self, item_ids: Sequence[str], device: torch.device | str) -> torch.Tensor | None:
+        """(1, len) prior of ``item_ids`` on ``device``, as ``score_rep`` takes it for one user, or None."""
+        values = self.prior_of(item_ids)
+        return None if values is None else values[None].to(device)
+
     @property
     def item_ids(self) -> list[str]:
         return list(self._item_ids)
