@@ -22,7 +22,6 @@ server learns only the mean of the silos' updates; everything else in the loop i
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -38,6 +37,7 @@ from uirl.aggregation import require_finite
 from uirl.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from uirl.config import Config, from_run_config, to_run_config
 from uirl.model.build import build_model, save_adapter
+from uirl.rounds import round_summary, silo_epsilons
 from uirl.rundir import RunDirectory, announce
 from uirl.tables import print_table, round_line
 
@@ -70,31 +70,20 @@ class _Recorder:
         row = {k: m[k] for k in _PRIVACY_KEYS if m.get(k) is not None}
         self.run.record_privacy(server_round, node, {**{k: v for k, v in previous.items() if k != "round"}, **row})
 
-    @staticmethod
-    def _epsilons(per_silo: list[dict]) -> dict[str, float]:
-        eps = {f"epsilon/silo-{int(m['silo'])}" if m.get("silo") is not None else f"epsilon/node-{m['node-id']}":
-               m.get("epsilon", math.inf) for m in per_silo}
-        return {"epsilon": max(eps.values(), default=math.nan), **dict(sorted(eps.items()))}
-
     def on_release(self, per_silo: list[dict]) -> None:
         """The popularity release, before round 0: each silo's epsilon after it (shown in round 0's row)."""
         released = [m for m in per_silo if not self._rejected(0, m)]
         for m in released:
             self._record(0, m)
-        self.pending[0] = self._epsilons(released)
+        self.pending[0] = silo_epsilons(released)
 
     def on_train(self, server_round: int, per_silo: list[dict]) -> None:
         """A rejected reply gets a row with its reason in privacy.jsonl and nothing else: none of
         its numbers reach the ledger or the round."""
-        accepted = [m for m in per_silo if m.get("accepted")]
-        users = sum(m["weight"] for m in accepted)
-        loss = sum(m["train-loss"] * m["weight"] for m in accepted) / users if users else math.nan
-        checked = [m for m in per_silo if not self._rejected(server_round, m)]
-        for m in checked:
-            self._record(server_round, m)
-        self.pending[server_round] = {"train-loss": loss, **self._epsilons(checked), "silos-trained": len(accepted),
-                                      "silos-replied": len(per_silo),
-                                      "silos-rejected": len(per_silo) - len(checked)}
+        for m in per_silo:
+            if not self._rejected(server_round, m):
+                self._record(server_round, m)
+        self.pending[server_round] = round_summary(per_silo)
 
     def _rejected(self, server_round: int, m: dict) -> bool:
         """Record a rejected reply (its node, label and the reason only); True if ``m`` was one."""

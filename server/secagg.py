@@ -42,10 +42,11 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from server.strategy import ValidatingFedAvg
+from server.strategy import ValidatingFedAvg, log_warning
 from uirl.aggregation import UpdateRejected, aggregate_bound, check_update
 from uirl.config import Config
 from uirl.replies import TrainReply
+from uirl.rounds import RoundResult, SiloReply, check_replies
 
 #: Config key naming the arrays of the global state, in the order they travel (legacy Parameters
 #: carry no names).
@@ -129,17 +130,14 @@ def secagg_train(grid: Grid, context: Context, cfg: Config, strategy: Validating
         workflow(cfg, timeout)(grid, legacy_context)
     else:
         log(WARNING, "round %d: SecAgg+ needs at least two silos, %d sampled", server_round, len(node_ids))
-    rows, kept, why = [], [], ""
-    for node, metrics, weight in legacy.replies:
-        refusal = str(metrics.pop("error", ""))
-        row, reply = strategy.train_row(server_round, node, [metrics], None, refusal=refusal)
-        rows.append(row)
-        if reply is not None and reply.trained:
-            kept.append(reply)
-        elif reply is None and weight > 0:
-            why = f"node {node}'s reply was rejected and its update is inside the masked mean"
+    replies = [SiloReply(node, [metrics], None, refusal=str(metrics.pop("error", "")))
+               for node, metrics, _ in legacy.replies]
+    rows, kept = check_replies(strategy.checker, server_round, replies, global_state, log_warning)
+    why = next((f"node {r.node}'s reply was rejected and its update is inside the masked mean"
+                for r, row, (_, _, weight) in zip(replies, rows, legacy.replies) if "rejected" in row and weight > 0), "")
     new = _checked_mean(server_round, legacy.mean_delta, global_state, delta_names, kept) if not why else None
-    strategy.conclude_round(server_round, rows, trained=len(kept) if new is not None else 0, asked=len(node_ids),
+    strategy.conclude_round(RoundResult(server_round=server_round, rows=rows, kept=kept, new=new, why="",
+                                        asked=len(node_ids)),
                             why=why or ("" if new is not None else "no usable SecAgg+ mean"))
     return ArrayRecord({name: Array(new.get(name, value)) for name, value in global_state.items()})
 

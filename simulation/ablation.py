@@ -5,11 +5,11 @@ configuration with the same data, seeds and fixed candidates, then writes ``abla
 ``ablation.csv`` (test AUC, MRR, nDCG@10 averaged over the silos' users, final train loss, and the
 seconds spent training and evaluating) to ``--out``.
 
-The default engine is an in-process FedAvg: for each round, every silo runs
+The default engine is the in-process one (:func:`uirl.engine.run_federated`): every silo runs
 :func:`uirl.federated.local_train` (user-level DP-SGD, its own privacy ledger) from the global
-arrays, the server averages the returned trainable arrays weighted by the silos' user counts, and
-after the last round every silo runs :func:`uirl.federated.local_evaluate`. That is the client
-logic of the Flower app without Ray or a SuperLink. ``--engine flower`` runs each configuration as
+arrays, the server checks and combines the replies with the ServerApp's own round function
+(:func:`uirl.rounds.train_round`), and after the last round every silo runs
+:func:`uirl.federated.local_evaluate`. That is the Flower app's logic without Ray or a SuperLink. ``--engine flower`` runs each configuration as
 a real ``flwr run`` (``simulation.flower``) instead; slower, same numbers up to DP noise, and
 "train seconds" is then the whole run's wall time (Ray start-up and evaluation included).
 
@@ -51,50 +51,27 @@ METRICS = ("auc", "mrr", "ndcg@10")
 
 
 def fedavg(cfg, num_silos: int, *, log, zero_shot: dict | None = None) -> tuple[dict[str, float], float, float]:
-    """Train ``cfg`` with the in-process FedAvg; -> (user-weighted test metrics, train s, eval s).
-    Given ``zero_shot`` (a dict), also evaluates the untrained model into it first."""
-    import numpy as np
+    """Train ``cfg`` with the in-process engine (:func:`uirl.engine.run_federated`: the ServerApp's
+    round function without Flower), evaluating after the last round only; -> (user-weighted test
+    metrics, train s, eval s). Given ``zero_shot`` (a dict), round 0 (the untrained model) is
+    evaluated into it too."""
+    from dataclasses import replace
 
-    from uirl.config import SiloConfig
-    from uirl.federated import _worker, local_evaluate, local_train
-    from uirl.model.build import build_model
+    from uirl.engine import run_federated
 
-    silos = [SiloConfig(partition_id=k, num_partitions=num_silos) for k in range(num_silos)]
-    model, _ = build_model(cfg)
-    state = {k: v.cpu().numpy().copy() for k, v in model.adapter_state().items()}
-    del model
-    for silo in silos:  # load data and encoders before the clock starts: cost = training + evaluation
-        _worker(cfg, silo)
+    cfg = replace(cfg, federation=replace(cfg.federation, eval_every=cfg.federation.num_rounds))
+
+    def on_round(row: dict) -> None:
+        if row["round"] > 0:
+            log(f"  round {row['round']}: loss {row['train-loss']:.4f}  eps {row['epsilon']:.2f}  "
+                f"({row['train-seconds']:.0f} s training)")
+
+    rows = run_federated(cfg, num_silos, on_round=on_round, round0=zero_shot is not None).rounds
     if zero_shot is not None:
-        t0 = time.perf_counter()
-        zero_shot.update(_evaluate(cfg, silos, state, local_evaluate), **{"eval-seconds": time.perf_counter() - t0})
-    ledgers: list[str | None] = [None] * num_silos
-    train_s, loss = 0.0, float("nan")
-    for server_round in range(1, cfg.federation.num_rounds + 1):
-        t0 = time.perf_counter()
-        replies = []
-        for k, silo in enumerate(silos):
-            arrays, metrics, ledgers[k] = local_train(cfg, silo, state, ledger_json=ledgers[k],
-                                                      server_round=server_round)
-            if arrays is not None:
-                replies.append((arrays, metrics))
-        total = sum(m["num-examples"] for _, m in replies)
-        for name in replies[0][0]:
-            state[name] = sum(a[name] * (m["num-examples"] / total) for a, m in replies).astype(np.float32)
-        loss = sum(m["train-loss"] * m["num-examples"] for _, m in replies) / total
-        train_s += time.perf_counter() - t0
-        eps = max(m["epsilon"] for _, m in replies)
-        log(f"  round {server_round}: loss {loss:.4f}  eps {eps:.2f}  ({train_s:.0f} s training so far)")
-    t0 = time.perf_counter()
-    out = _evaluate(cfg, silos, state, local_evaluate)
-    return {**out, "train-loss": loss}, train_s, time.perf_counter() - t0
-
-
-def _evaluate(cfg, silos, state, local_evaluate) -> dict[str, float]:
-    """Test metrics averaged over all silos' users."""
-    results = [local_evaluate(cfg, silo, state) for silo in silos]
-    users = sum(r["num-examples"] for r in results)
-    return {m: sum(r[m] * r["num-examples"] for r in results) / users for m in METRICS}
+        zero_shot.update({m: rows[0][m] for m in METRICS}, **{"eval-seconds": rows[0]["eval-seconds"]})
+    last = rows[-1]
+    train_s = sum(row["train-seconds"] for row in rows if row["round"] > 0)
+    return {**{m: last[m] for m in METRICS}, "train-loss": last["train-loss"]}, train_s, last["eval-seconds"]
 
 
 def flower(overrides: dict[str, object], num_silos: int, *, log) -> tuple[dict[str, float], float, float]:

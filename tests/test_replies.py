@@ -270,3 +270,35 @@ def test_checker_accepts_every_reply_an_honest_silo_sends(tiny_bert):
     with pytest.raises(ReplyRejected, match="epsilon = inf is not finite"):  # under DP, a silo without it
         ReplyChecker(cfg, trainable).train(7, 1, [{**metrics, **{k: 1.0 for k in ("target-epsilon", "sample-rate",
                                                                                   "rounds-trained")}}], [arrays], state)
+
+
+def test_the_strategy_and_the_engine_share_one_round_function(tmp_path):
+    """The ServerApp's strategy, fed Flower messages, does exactly what :func:`uirl.rounds.train_round`
+    does with the same replies as plain data (what the in-process engine hands it): the same
+    aggregate, the same rows, the same round row."""
+    from uirl.rounds import SiloReply, round_summary, train_round
+
+    fed = Federation(tmp_path)
+    checker = ReplyChecker(CFG, TRAINABLE)
+    for server_round in (1, 2):
+        bad = {4: (_metrics(4, server_round, **{"num-examples": math.nan}), _update(4))} if server_round == 2 else {}
+        via_flower = fed.train(server_round, bad=bad)
+        replies = [bad.get(k, (_metrics(k, server_round), _update(k))) for k in range(5)]
+        plain = train_round(CFG, checker, GLOBAL, server_round,
+                            [SiloReply(NODES[k], [m], [a]) for k, (m, a) in enumerate(replies)], asked=5)
+        for name, value in plain.new.items():
+            np.testing.assert_array_equal(via_flower[name], value)
+    assert plain.trained == 4 and "not finite" in plain.rows[4]["rejected"]
+    row = fed.evaluate(2)
+    assert {k: row[k] for k in round_summary(plain.rows)} == round_summary(plain.rows)
+
+
+def test_the_engine_fails_a_run_in_which_no_silo_trained(tiny_bert):
+    """As the ServerApp does: every silo refuses (its budget cannot afford one round), so the
+    in-process run stops with RunFailed instead of evaluating an untrained model as if trained."""
+    from helpers import tiny_config
+    from uirl.engine import run_federated
+
+    cfg = tiny_config(tiny_bert, **{"target-epsilon": 0.01, "noise-multiplier": 0.5})
+    with pytest.raises(RunFailed, match=r"round 1: 0 valid update\(s\) from 2 silo\(s\) asked.*2 refused"):
+        run_federated(cfg, 2)

@@ -145,3 +145,17 @@ def test_a_sweep_runs_on_a_converted_dataset(tiny_bert, tmp_path):
     assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
     # Each cell ran in its own process and measured its own peak memory.
     assert all(0.0 < r["peak-rss-gb"] < 24.0 for r in rows)
+
+
+def test_the_ablation_trains_through_the_engine_and_reports_round_zero(tiny_bert):
+    """The ablation has no round loop of its own: its FedAvg is the in-process engine (the
+    ServerApp's round function), evaluated after the last round, with round 0 as the zero-shot row."""
+    from helpers import tiny_config
+    from simulation.ablation import METRICS, fedavg
+
+    lines, zero = [], {}
+    metrics, train_s, eval_s = fedavg(tiny_config(tiny_bert), 2, log=lines.append, zero_shot=zero)
+    assert set(METRICS) <= set(metrics) and set(METRICS) <= set(zero)
+    assert all(0.0 <= metrics[m] <= 1.0 for m in METRICS) and metrics["train-loss"] > 0
+    assert train_s > 0 and eval_s > 0 and zero["eval-seconds"] > 0
+    assert [line.split(":")[0].strip() for line in lines] == ["round 1", "round 2"]

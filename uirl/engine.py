@@ -1,23 +1,24 @@
 """A federated run in one process: the same silo code and the same aggregation as ``flwr run``.
 
 Each round calls :func:`uirl.federated.local_train` on the sampled silos (what the ClientApp calls),
-checks every reply with :class:`uirl.replies.ReplyChecker` and combines the valid updates with
-:func:`uirl.aggregation.combine` (what the ServerApp's strategy does), then evaluates the global model
+hands the replies to :func:`uirl.rounds.train_round` -- the very function the ServerApp's strategy
+calls: the same checks, combination, round row and round failure -- then evaluates the global model
 on every silo with :func:`uirl.federated.local_evaluate`. Only Flower's messaging is left out, which
 makes a sweep of many runs affordable on a CPU. With ``central-dp = "fixed"`` the server clips each
-update and adds Gaussian noise instead (:mod:`uirl.privacy.central`).
+update and adds Gaussian noise instead (:mod:`uirl.privacy.central`). Rows carry ``train-seconds``
+and ``eval-seconds`` (this round's wall time in each).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from uirl.aggregation import UpdateRejected, combine_checked
 from uirl.config import Config, SiloConfig
 from uirl.errors import UirlError
 from uirl.federated import hash_seed, local_evaluate, local_release, local_train
@@ -26,8 +27,9 @@ from uirl.model import InterestModel
 from uirl.model.build import build_model
 from uirl.model.encoder import Encoder
 from uirl.privacy import PrivacyLedger
-from uirl.privacy.central import central_dp_aggregate, central_epsilon, plan_central_noise
-from uirl.replies import ReplyChecker, TrainReply
+from uirl.privacy.central import central_epsilon, plan_central_noise
+from uirl.replies import ReplyChecker
+from uirl.rounds import SiloReply, conclude_round, round_summary, train_round
 
 _RANKING = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10",
             "full/recall@10", "full/recall@20", "full/ndcg@10", "full/ndcg@20")
@@ -99,20 +101,12 @@ def popularity_prior(released: list[np.ndarray], noise: list[float] | None = Non
     return prior_from_counts(np.sum(released, axis=0), noise_std)
 
 
-def _combined(cfg: Config, state: dict[str, np.ndarray], kept: list[TrainReply]) -> dict[str, np.ndarray] | None:
-    """The kept updates combined by the run's ``aggregation`` rule, or None if the result is not
-    finite or moves the model farther than its inputs could (as the ServerApp's strategy)."""
-    fed = cfg.federation
-    try:
-        return combine_checked(fed.aggregation, {n: state[n] for n in kept[0].update}, [r.update for r in kept],
-                               [r.weight for r in kept], [r.bound for r in kept], trim_fraction=fed.trim_fraction)
-    except UpdateRejected:
-        return None
-
-
-def run_federated(cfg: Config, num_silos: int, *,
-                  on_round: Callable[[dict[str, Any]], None] | None = None) -> FederatedResult:
-    """``cfg.federation.num_rounds`` rounds over ``num_silos`` simulated silos."""
+def run_federated(cfg: Config, num_silos: int, *, on_round: Callable[[dict[str, Any]], None] | None = None,
+                  round0: bool = True) -> FederatedResult:
+    """``cfg.federation.num_rounds`` rounds over ``num_silos`` simulated silos; ``on_round`` gets
+    each round's row as it is made. Round 0 evaluates the untrained model (``round0=False``: not).
+    Raises :class:`~uirl.errors.RunFailed` for a round with fewer valid updates than ``min-nodes``,
+    as the ServerApp does (:func:`uirl.rounds.conclude_round`)."""
     silos = [SiloConfig(partition_id=k, num_partitions=num_silos) for k in range(num_silos)]
     model, encoder = build_model(cfg)
     initial = {n: t.cpu().numpy().copy() for n, t in model.adapter_state().items()}
@@ -132,40 +126,34 @@ def run_federated(cfg: Config, num_silos: int, *,
         metrics = {}
         every = cfg.federation.eval_every
         if server_round in (0, cfg.federation.num_rounds) or server_round % every == 0:
+            started = time.perf_counter()
             metrics = weighted_metrics([local_evaluate(cfg, s, state, prior=prior) for s in silos])
+            metrics["eval-seconds"] = time.perf_counter() - started
         row = {"round": server_round, **extra, **metrics}
         rows.append(row)
         if on_round is not None:
             on_round(row)
 
     rows: list[dict[str, Any]] = []
-    evaluate(0, {"epsilon": accounting(cfg, ledgers, 0)["epsilon"]} if prior is not None else {})
+    if round0:
+        evaluate(0, {"epsilon": accounting(cfg, ledgers, 0)["epsilon"]} if prior is not None else {})
+    noise = central_noise(cfg) if cfg.federation.central_dp else 0.0
     for server_round in range(1, cfg.federation.num_rounds + 1):
-        kept, eps = [], {}
-        for k in _sample_silos(cfg, num_silos, rng):
+        started = time.perf_counter()
+        sampled = _sample_silos(cfg, num_silos, rng)
+        replies = []
+        for k in sampled:
             arrays, metrics, ledgers[k] = local_train(cfg, silos[k], state, ledger_json=ledgers[k],
                                                       server_round=server_round, prior=prior)
-            eps[f"epsilon/silo-{k}"] = metrics["epsilon"]
-            try:
-                reply = checker.train(k, server_round, [metrics], [] if arrays is None else [arrays], state)
-            except UpdateRejected:
-                continue
-            if reply.update is not None:
-                kept.append(reply)
+            replies.append(SiloReply(k, [metrics], [] if arrays is None else [arrays]))
+        result = train_round(cfg, checker, state, server_round, replies, asked=len(sampled),
+                             expected_silos=cfg.federation.fraction_train * num_silos if cfg.federation.central_dp
+                             else None, central_noise=noise)
+        state.update(result.new or {})
+        summary = round_summary(result.rows)
         if cfg.federation.central_dp:
-            state.update(central_dp_aggregate({n: state[n] for n in trainable}, [r.update for r in kept],
-                                              clip=cfg.federation.central_clip, noise_multiplier=central_noise(cfg),
-                                              expected_silos=cfg.federation.fraction_train * num_silos,
-                                              rng=np.random.default_rng()))
-            eps = {"epsilon": accounting(cfg, ledgers, server_round)["epsilon"]}
-        elif kept:
-            new = _combined(cfg, state, kept)
-            state.update(new or {})
-            kept = kept if new is not None else []  # a rejected aggregate: nothing of the round applied
-        users = sum(r.weight for r in kept)
-        loss = sum(r.metrics["train-loss"] * r.weight for r in kept) / users if users else math.nan
-        epsilon = eps.get("epsilon", max((v for v in eps.values()), default=math.nan))
-        evaluate(server_round, {"train-loss": loss, "epsilon": epsilon, **dict(sorted(eps.items())),
-                                "silos-trained": len(kept)})
+            summary["epsilon"] = accounting(cfg, ledgers, server_round)["epsilon"]
+        conclude_round(cfg, result)
+        evaluate(server_round, {**summary, "train-seconds": time.perf_counter() - started})
     return FederatedResult(rounds=rows, state=state, initial=initial, model=model, encoder=encoder,
                            privacy=accounting(cfg, ledgers, cfg.federation.num_rounds))
