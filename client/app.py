@@ -39,6 +39,10 @@ def _split_prior(received: dict) -> tuple[dict, np.ndarray | None]:
     return state, state.pop(PRIOR_ARRAY, None)
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # the silo's progress within a round: Flower forwards it to the run's log
+
+
 def _state_ledger(context: Context) -> str | None:
     if _LEDGER in context.state.config_records:
         return str(context.state.config_records[_LEDGER]["ledger"])
@@ -64,7 +68,7 @@ def _train_round(cfg: Config, silo: SiloConfig, context: Context, received: dict
     arrays, metrics, ledger, error = local_train_durable(
         cfg, silo, global_state, ledger_json=_state_ledger(context),
         run=str(config.get("run-name", "")), server_round=int(config["server-round"]),
-        expected_rounds=_expected_rounds(config, silo.partition_id), prior=prior)
+        expected_rounds=_expected_rounds(config, silo.partition_id), prior=prior, say=_say)
     _keep_ledger(context, ledger)
     return arrays, metrics, error
 

@@ -43,6 +43,24 @@ def test_reply_carries_only_trainable_arrays_and_whitelisted_scalars(tiny_bert):
     assert set(evaluated) <= EVAL_METRICS and 0.0 <= evaluated["auc"] <= 1.0
 
 
+@pytest.mark.parametrize("dp", [True, False])
+def test_a_silo_reports_its_progress_within_a_round_on_its_own_console(tiny_bert, dp):
+    """``progress-every=0``: a line per step with the users so far and, under DP, the epsilon spent;
+    the last line's epsilon is the one the reply reports. The lines go to ``say`` (the silo's own
+    console), never into the reply."""
+    cfg = tiny_config(tiny_bert, dp=dp, **{"progress-every": 0})
+    state, _ = _global(cfg)
+    lines: list[str] = []
+    _, metrics, _ = local_train(cfg, SILO, state, ledger_json=None, server_round=1, say=lines.append)
+    steps = int(metrics["steps"])
+    assert [line.split(":")[1].strip() for line in lines] == ["silo 0 round 1"] * steps
+    assert lines[-1].startswith(f"uirl: silo 0 round 1: step {steps}/{steps}, {int(metrics['users-sampled'])} users")
+    assert lines[-1].endswith(f"epsilon {metrics['epsilon']:.2f}") if dp else "epsilon" not in lines[-1]
+    quiet: list[str] = []  # the default: a line every 15 s, so none in a round this short
+    local_train(tiny_config(tiny_bert, dp=dp), SILO, state, ledger_json=None, server_round=1, say=quiet.append)
+    assert quiet == []
+
+
 def test_minilm_reply_is_about_one_percent_of_the_model():
     from uirl.config import from_run_config
 

@@ -13,7 +13,7 @@ from uirl.launch.simulation import run_simulation
 def _run_config(tmp_path, model_path, extra: str = "") -> str:
     return (f"model-name='{model_path}' num-server-rounds=2 synthetic-users=90 synthetic-items=300 "
             f"max-history=4 eval-negatives=9 batch-users=8 lora-r=4 max-tokens=16 "
-            f"run-dir='{tmp_path / 'runs'}' run-name='e2e' {extra}")
+            f"run-dir='{tmp_path / 'runs'}' run-name='e2e' progress-every=0 {extra}")
 
 
 def _run(tmp_path, model_path, extra: str = ""):
@@ -37,6 +37,8 @@ def test_flwr_run_completes_and_writes_the_run_directory(tmp_path, tiny_bert):
     assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
     assert (rows[2]["silos-trained"], rows[2]["silos-replied"], rows[2]["silos-rejected"]) == (3, 3, 0)
     assert "silos=3/3" in shown
+    # Each silo's progress within a round (progress-every=0: every step), without Ray's actor prefix.
+    assert any(line.startswith("uirl: silo 0 round 1: step 1/") and "epsilon" in line for line in shown.splitlines())
     ledger = json.loads((run / "privacy_ledger.json").read_text())  # keyed by Flower's node ids
     assert sorted(entry["silo"] for entry in ledger.values()) == [0, 1, 2] and "0" not in ledger
     for silo in ledger.values():

@@ -11,6 +11,8 @@ and the scalar metrics named in :data:`TRAIN_METRICS` / :data:`EVAL_METRICS`.
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,9 +212,11 @@ def _privacy_metrics(ledger: PrivacyLedger | None) -> dict[str, float]:
 
 
 def local_train(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray], *,
-                ledger_json: str | None, server_round: int, prior: np.ndarray | None = None
+                ledger_json: str | None, server_round: int, prior: np.ndarray | None = None,
+                say: Callable[[str], None] | None = None
                 ) -> tuple[dict[str, np.ndarray] | None, dict[str, float], str | None]:
     """One round on one silo. Returns (trainable arrays or None if refused, metrics, new ledger JSON).
+    ``say`` receives a progress line (:class:`StepProgress`) every ``progress-every`` seconds.
 
     Fails closed: if DP is on and this round's steps would push the silo past its target epsilon,
     nothing is trained and no arrays are returned (``status`` = budget exhausted).
@@ -228,8 +232,9 @@ def local_train(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.nd
     if ledger is not None and not ledger.can_afford(steps):
         return None, {**base, "status": float(STATUS_BUDGET_EXHAUSTED), "steps": 0.0, "replayed": 0.0,
                       **_privacy_metrics(ledger)}, ledger.to_json()
+    progress = StepProgress(silo.silo_id, server_round, ledger, every=cfg.train.progress_every, say=say) if say else None
     result = train_round(worker.model, worker.bank, silo.users, silo.touched, cfg, ledger=ledger,
-                         example_seed=hash_seed(cfg.train.seed, silo.silo_id, server_round))
+                         example_seed=hash_seed(cfg.train.seed, silo.silo_id, server_round), on_step=progress)
     if ledger is not None:
         ledger.rounds += 1
     arrays = {k: v.cpu().numpy().copy() for k, v in worker.model.trainable_state().items()}
@@ -238,13 +243,31 @@ def local_train(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.nd
     return arrays, metrics, (ledger.to_json() if ledger is not None else None)
 
 
+class StepProgress:
+    """A silo's progress within a round, as a line every ``every`` seconds of training:
+    ``uirl: silo 0 round 3: step 12/40, 1,234 users, epsilon 3.21`` (the epsilon spent so far)."""
+
+    def __init__(self, silo: int, server_round: int, ledger: PrivacyLedger | None, *, every: float,
+                 say: Callable[[str], None]) -> None:
+        self.silo, self.server_round, self.ledger, self.every, self.say = silo, server_round, ledger, every, say
+        self.last = time.monotonic()
+
+    def __call__(self, step: int, steps: int, users: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        spent = f", epsilon {self.ledger.epsilon():.2f}" if self.ledger is not None else ""
+        self.say(f"uirl: silo {self.silo} round {self.server_round}: step {step}/{steps}, {users:,} users{spent}")
+
+
 def _refuse(status: int, why: str, silo_cfg: SiloConfig) -> tuple[None, dict[str, float], None, str]:
     return None, {"status": float(status), "silo": float(silo_cfg.partition_id), "steps": 0.0}, None, why
 
 
 def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray], *,
                         ledger_json: str | None, run: str, server_round: int, expected_rounds: int = 0,
-                        prior: np.ndarray | None = None
+                        prior: np.ndarray | None = None, say: Callable[[str], None] | None = None
                         ) -> tuple[dict[str, np.ndarray] | None, dict[str, float], str | None, str | None]:
     """:func:`local_train` with the silo's ledger kept durably (node config ``ledger-path``).
 
@@ -281,7 +304,7 @@ def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[st
                        f"{release.round} was released (with another global model); refusing to release twice",
                        silo_cfg)
     arrays, metrics, new_ledger_json = local_train(cfg, silo_cfg, global_state, ledger_json=ledger_json,
-                                                   server_round=server_round, prior=prior)
+                                                   server_round=server_round, prior=prior, say=say)
     if file is not None and arrays is not None and new_ledger_json is not None:
         file.write(new_ledger_json, Release(run=run, round=server_round, input_digest=digest,
                                             update_digest=digest_arrays(arrays), metrics=metrics), arrays)

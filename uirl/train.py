@@ -11,7 +11,7 @@ user never touched. With DP on, each user's gradient is clipped and noise is add
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,12 +67,13 @@ def _check_update(before: list[torch.Tensor], params: list[torch.nn.Parameter]) 
 
 def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
                 touched: dict[str, frozenset], cfg: Config, *, ledger: PrivacyLedger | None,
-                example_seed: int) -> RoundResult:
+                example_seed: int, on_step: Callable[[int, int, int], None] | None = None) -> RoundResult:
     """One local round. With ``ledger`` (DP on), steps use its noise multiplier and sample rate and
     are recorded in it; the caller must have checked ``ledger.can_afford(steps)``.
 
     ``example_seed`` fixes which training positions/negatives are drawn (not secret). The Poisson
     user sampling under DP uses OS entropy: the amplification-by-sampling argument needs it secret.
+    ``on_step(step, steps, users_so_far)`` is called after every step (and its accounting).
     """
     device = resolve_device(cfg.train.device)
     model.to(device).train()
@@ -93,35 +94,43 @@ def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
                                       device=device)
     cached = cfg.model.train_mode == "cached"
     total_loss, seen = 0.0, 0
+
+    def step_on(chosen: list[UserData]) -> float:
+        """One optimizer step on the chosen users (none: DP's noise-only step); their summed loss."""
+        optimizer.zero_grad(set_to_none=True)
+        before = [p.detach().clone() for p in params]
+        loss = 0.0
+        if not chosen:
+            pug.empty()  # noise-only step: still one DP step, still accounted
+        else:
+            examples = [training_example(u, cfg, rng=example_rng, all_item_ids=all_items,
+                                         touched=touched[u.user_id]) for u in chosen]
+            batch = bank.make_batch(examples, tokens=not cached).to(device)
+            # Cached mode: the rows' vectors come from the frozen encoder's cache. They are
+            # functions of public item texts (and the user's own texts) only, so each user's loss
+            # still depends on nothing but that user's rows and the shared parameters.
+            vectors = row_vectors(model, bank, batch.row_keys).to(device) if cached else None
+            losses = pug.loss(batch, vectors) if pug is not None else model.batch_loss(batch, vectors)
+            if pug is not None:
+                pug.backward(losses, batch)
+            else:
+                (losses.sum() / expected).backward()
+            loss = float(losses.detach().sum())
+        optimizer.step()
+        _check_update(before, params)
+        return loss
+
     try:
-        for _ in range(steps):
+        for step in range(steps):
             chosen = [u for u in users if sample_rng.random() < q]
             chosen = [u for u in chosen if len(u.train_items) >= 2]  # too short to make an example
-            optimizer.zero_grad(set_to_none=True)
-            before = [p.detach().clone() for p in params]
-            if not chosen:
-                if pug is None:
-                    continue
-                pug.empty()  # noise-only step: still one DP step, still accounted
-            else:
-                examples = [training_example(u, cfg, rng=example_rng, all_item_ids=all_items,
-                                             touched=touched[u.user_id]) for u in chosen]
-                batch = bank.make_batch(examples, tokens=not cached).to(device)
-                # Cached mode: the rows' vectors come from the frozen encoder's cache. They are
-                # functions of public item texts (and the user's own texts) only, so each user's loss
-                # still depends on nothing but that user's rows and the shared parameters.
-                vectors = row_vectors(model, bank, batch.row_keys).to(device) if cached else None
-                losses = pug.loss(batch, vectors) if pug is not None else model.batch_loss(batch, vectors)
-                if pug is not None:
-                    pug.backward(losses, batch)
-                else:
-                    (losses.sum() / expected).backward()
-                total_loss += float(losses.detach().sum())
+            if chosen or pug is not None:  # without DP, an empty sample is no step at all
+                total_loss += step_on(chosen)
                 seen += len(chosen)
-            optimizer.step()
-            _check_update(before, params)
-            if ledger is not None:
-                ledger.record(1)
+                if ledger is not None:
+                    ledger.record(1)
+            if on_step is not None:
+                on_step(step + 1, steps, seen)
     finally:
         if pug is not None:
             pug.close()

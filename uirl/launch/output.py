@@ -25,6 +25,10 @@ _CHATTER = re.compile(r"^(INFO|DEBUG)\b|^\d\d/\d\d/\d{4} [\d:]+:(INFO|DEBUG):")
 _MISLEADING = ("default simulated SuperNodes changed from 10 to 2",)
 
 
+#: The prefix Ray puts before a simulated silo's output line.
+_ACTOR = re.compile(r"^\((?:ClientAppActor|\w+Actor)\s+pid=\d+\)\s+(?=uirl: )")
+
+
 def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
@@ -46,6 +50,8 @@ class ConciseLog:
         plain = strip_ansi(line)
         if not self.verbose and (_CHATTER.match(plain) or any(m in plain for m in _MISLEADING)):
             return
+        if not self.verbose and _ACTOR.match(plain):  # a silo's own line: without Ray's actor prefix
+            line = plain = _ACTOR.sub("", plain)
         isatty = getattr(self.out, "isatty", lambda: False)
         self.out.write(line if isatty() else plain)
 

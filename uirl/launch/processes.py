@@ -50,6 +50,9 @@ FLOWER_ENV = {
     # Deprecation chatter from transformers/Ray inside every simulated client; nothing to act on.
     "PYTHONWARNINGS": "ignore::FutureWarning",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # Ray folds similar lines of different actors into "[repeated Nx across cluster]": the silos'
+    # progress lines (one per silo, same shape) would be folded away.
+    "RAY_DEDUP_LOGS": "0",
 }
 
 
