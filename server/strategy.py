@@ -15,7 +15,11 @@ for the whole run) and weighs each update by the ``num-examples`` the silo claim
   over the silos asked and noised (:func:`uirl.privacy.central.central_dp_aggregate`);
 - the result must be finite and move the model no farther than its inputs could, or it is not
   applied;
-- frozen adapter parts (FFA-LoRA's A matrices) are kept from the global model;
+- silos are sent only the trainable arrays (:func:`uirl.wire.downlink`); frozen adapter parts
+  (FFA-LoRA's A matrices; the whole LoRA adapter in ``cached`` mode) never travel and are kept from
+  the global model, which the server holds whole for checkpoints and the exported adapter;
+- a compressed update (run config ``compression``) is decompressed onto the global arrays by the
+  checker before anything else looks at it;
 - a round with fewer valid updates than ``min-nodes`` raises :class:`uirl.errors.RunFailed`
   (after its rows are recorded), so the run ends as failed and writes no final adapter;
 - evaluation metrics are averaged over the checked replies, weighted by their capped user counts.
@@ -42,6 +46,7 @@ from uirl.engine import central_noise, weighted_metrics
 from uirl.federated import EVAL_METRICS, PRIOR_ARRAY, STATUS_MEANING
 from uirl.privacy.central import central_dp_aggregate, central_epsilon
 from uirl.replies import ReplyChecker, ReplyRejected, TrainReply, check_round
+from uirl.wire import downlink
 
 #: The longest text kept from a reply (a refusal's reason, a reading error): it reaches logs and rows.
 _MAX_TEXT = 200
@@ -88,22 +93,24 @@ class ValidatingFedAvg(FedAvg):
         if cfg.federation.central_dp:
             _announce_central_dp(cfg)
 
-    def with_prior(self, arrays: ArrayRecord) -> ArrayRecord:
-        """What a silo receives: the global arrays, plus the popularity prior if the run has one."""
-        if self.prior is None:
-            return arrays
-        return ArrayRecord({**dict(arrays.items()), PRIOR_ARRAY: Array(self.prior)})
+    def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
+        """What a silo receives: the global model's trainable arrays (:func:`uirl.wire.downlink`;
+        each silo rebuilds the frozen ones from the seed), plus the popularity prior if the run has one."""
+        sent = downlink(dict(arrays.items()), self.trainable)
+        if self.prior is not None:
+            sent[PRIOR_ARRAY] = Array(self.prior)
+        return ArrayRecord(sent)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         self._global = _as_numpy(arrays)
-        messages = list(super().configure_train(server_round, self.with_prior(arrays), config, grid))
+        messages = list(super().configure_train(server_round, self.outgoing(arrays), config, grid))
         self._asked = len(messages)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
-        return super().configure_evaluate(server_round, self.with_prior(arrays), config, grid)
+        return super().configure_evaluate(server_round, self.outgoing(arrays), config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

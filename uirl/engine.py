@@ -1,7 +1,9 @@
 """A federated run in one process: the same silo code and the same aggregation as ``flwr run``.
 
-Each round calls :func:`uirl.federated.local_train` on the sampled silos (what the ClientApp calls),
-checks every reply with :class:`uirl.replies.ReplyChecker` and combines the valid updates with
+Each round sends the sampled silos what the ServerApp sends (:func:`uirl.wire.downlink`: the
+trainable arrays only), calls :func:`uirl.federated.local_train` on them and compresses what leaves
+each one with :func:`uirl.federated.released_update` (what the ClientApp does), checks every reply
+with :class:`uirl.replies.ReplyChecker` and combines the valid updates with
 :func:`uirl.aggregation.combine` (what the ServerApp's strategy does), then evaluates the global model
 on every silo with :func:`uirl.federated.local_evaluate`. Only Flower's messaging is left out, which
 makes a sweep of many runs affordable on a CPU. With ``central-dp = "fixed"`` the server clips each
@@ -20,7 +22,7 @@ import numpy as np
 from uirl.aggregation import UpdateRejected, combine_checked
 from uirl.config import Config, SiloConfig
 from uirl.errors import UirlError
-from uirl.federated import hash_seed, local_evaluate, local_release, local_train
+from uirl.federated import hash_seed, local_evaluate, local_release, local_train, released_update
 from uirl.privacy.popularity import prior_from_counts
 from uirl.model import InterestModel
 from uirl.model.build import build_model
@@ -28,6 +30,7 @@ from uirl.model.encoder import Encoder
 from uirl.privacy import PrivacyLedger
 from uirl.privacy.central import central_dp_aggregate, central_epsilon, plan_central_noise
 from uirl.replies import ReplyChecker, TrainReply
+from uirl.wire import downlink
 
 _RANKING = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10",
             "full/recall@10", "full/recall@20", "full/ndcg@10", "full/ndcg@20")
@@ -132,7 +135,8 @@ def run_federated(cfg: Config, num_silos: int, *,
         metrics = {}
         every = cfg.federation.eval_every
         if server_round in (0, cfg.federation.num_rounds) or server_round % every == 0:
-            metrics = weighted_metrics([local_evaluate(cfg, s, state, prior=prior) for s in silos])
+            metrics = weighted_metrics([local_evaluate(cfg, s, downlink(state, trainable), prior=prior)
+                                        for s in silos])
         row = {"round": server_round, **extra, **metrics}
         rows.append(row)
         if on_round is not None:
@@ -142,12 +146,14 @@ def run_federated(cfg: Config, num_silos: int, *,
     evaluate(0, {"epsilon": accounting(cfg, ledgers, 0)["epsilon"]} if prior is not None else {})
     for server_round in range(1, cfg.federation.num_rounds + 1):
         kept, eps = [], {}
+        sent = downlink(state, trainable)
         for k in _sample_silos(cfg, num_silos, rng):
-            arrays, metrics, ledgers[k] = local_train(cfg, silos[k], state, ledger_json=ledgers[k],
+            arrays, metrics, ledgers[k] = local_train(cfg, silos[k], sent, ledger_json=ledgers[k],
                                                       server_round=server_round, prior=prior)
+            payload = released_update(cfg, silos[k], arrays, sent, server_round=server_round)
             eps[f"epsilon/silo-{k}"] = metrics["epsilon"]
             try:
-                reply = checker.train(k, server_round, [metrics], [] if arrays is None else [arrays], state)
+                reply = checker.train(k, server_round, [metrics], [] if payload is None else [payload], state)
             except UpdateRejected:
                 continue
             if reply.update is not None:
