@@ -1,5 +1,10 @@
 """ClientApp: one data silo. Reads its config, runs uirl's local round, replies with records.
 
+Train and evaluate messages carry only the global model's trainable arrays; the silo's model has
+the frozen ones from the base model and the run's seed. The reply carries what
+:func:`uirl.federated.released_update` makes of the trained arrays (with run config ``compression``:
+the update delta in float16 or int8), the same function the in-process engine calls.
+
 The silo's privacy ledger lives in ``context.state`` (node state, kept across rounds of a run)
 and, when the node config names ``ledger-path``, in that file on the silo's disk, written before
 the update leaves the silo (see :mod:`uirl.privacy.ledger_file`). A refusal carries its reason in

@@ -9,6 +9,9 @@ the last complete checkpoint of that run instead of at round 1, so no round is l
 twice. With ``popularity-prior`` each silo first releases its item counts once
 (:mod:`server.popularity`), and the prior built from them goes out with every message.
 
+The server holds the whole global adapter (frozen LoRA A matrices included: checkpoints, resume
+and ``final/`` have it all) but sends the silos only its trainable arrays (:func:`uirl.wire.downlink`).
+
 The run fails (the ServerApp raises :class:`uirl.errors.RunFailed`, Flower reports the run as
 failed, and no ``final/`` is written) when a round has fewer valid updates than ``min-nodes``, when
 fewer than ``min-nodes`` silos are connected ``node-wait-timeout`` seconds after the server started
@@ -131,14 +134,22 @@ def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: np.asarray(a.numpy()) for name, a in record.items()}
 
 
-def _start(cfg: Config, initial: dict[str, np.ndarray]) -> tuple[RunDirectory, int, dict[str, np.ndarray]]:
-    """A new run directory at round 0, or the resumed run at its last complete checkpoint."""
+def _start(cfg: Config, initial: dict[str, np.ndarray], trainable: set[str]
+           ) -> tuple[RunDirectory, int, dict[str, np.ndarray]]:
+    """A new run directory at round 0, or the resumed run at its last complete checkpoint. The
+    checkpoint's frozen arrays must be the ones this run's model rebuilds from its seed: silos are
+    never sent them (:func:`uirl.wire.downlink`), they build their own."""
     fed = cfg.federation
     if not fed.resume:
         return RunDirectory.create(fed.run_dir, fed.run_name, {"run-config": to_run_config(cfg)}), 0, initial
     ckpt = load_checkpoint(resolve_resume(fed.run_dir, fed.resume))
     if {k: (v.shape, v.dtype) for k, v in ckpt.arrays.items()} != {k: (v.shape, v.dtype) for k, v in initial.items()}:
         raise CheckpointError(f"{ckpt.path}: the checkpoint's arrays do not fit this run's model")
+    changed = sorted(k for k in initial if k not in trainable and not np.array_equal(ckpt.arrays[k], initial[k]))
+    if changed:
+        raise CheckpointError(f"{ckpt.path}: the frozen array {changed[0]} differs from the one this run's model "
+                              "builds from its seed (another seed, base model or train-mode?); the silos, which "
+                              "build their own, would not train the checkpoint's model")
     run = RunDirectory.reopen(ckpt.path.parent.parent, upto_round=ckpt.round, rounds=ckpt.rounds, ledger=ckpt.ledger)
     print(f"uirl: resuming {run.path} after round {ckpt.round}", flush=True)
     return run, ckpt.round, ckpt.arrays
@@ -165,7 +176,8 @@ def main(grid: Grid, context: Context) -> None:
     fed = cfg.federation
     model, encoder = build_model(cfg)
     initial = {name: t.cpu().numpy() for name, t in model.adapter_state().items()}
-    run, done, state = _start(cfg, initial)
+    trainable = set(model.trainable_state())
+    run, done, state = _start(cfg, initial, trainable)
     announce(run.path, run_id=context.run_id)
     print(f"uirl: run directory {run.path}", flush=True)
     recorder = _Recorder(run)
@@ -174,7 +186,7 @@ def main(grid: Grid, context: Context) -> None:
         wait_for_nodes(grid, fed.min_nodes, timeout=fed.node_wait_timeout)
 
     nodes_ready()
-    strategy = build_strategy(cfg, set(model.trainable_state()), recorder, _prior(grid, cfg, run, recorder))
+    strategy = build_strategy(cfg, trainable, recorder, _prior(grid, cfg, run, recorder))
     arrays = ArrayRecord({name: Array(value) for name, value in state.items()})
 
     def write_adapter(directory, values: dict[str, np.ndarray]) -> None:

