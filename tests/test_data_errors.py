@@ -114,9 +114,54 @@ def _bad_json(root):
     return "amazon", r"All_Beauty\.jsonl\.gz line 10: not valid JSON"
 
 
+def _long_field_then_damaged_line(root):
+    path = pf.write_ml_latest(root) / "movies.csv"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines.insert(2, f'2,"{"Jumanji " * 20_000}(1995)",Adventure')  # 160,000 characters: over csv's default limit
+    lines.append("99,Broken")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "movielens", rf"movies\.csv line {len(lines)}: expected 3 fields separated by ','"
+
+
+def _empty_item_file(root):
+    (_ml100k(root) / "u.item").write_bytes(b"")
+    return "movielens", r"u\.item: the item file is empty \(expected one movie per line\)"
+
+
+def _empty_ml1m_movies(root):
+    (pf.write_ml1m(root) / "movies.dat").write_bytes(b"\n")
+    return "movielens", r"movies\.dat: the item file is empty"
+
+
+def _csv_movies_header_only(root):
+    (pf.write_ml_latest(root) / "movies.csv").write_text("movieId,title,genres\n")
+    return "movielens", r"movies\.csv: the item file is empty"
+
+
+def _empty_news(root):
+    (pf.write_mind(root) / "news.tsv").write_text("")
+    return "mind", r"news\.tsv: the item file is empty \(expected one news article per line\)"
+
+
+def _empty_amazon_meta(root):
+    pf.write_amazon2018(root)
+    with gzip.open(root / "meta_Books.json.gz", "wt"):
+        pass
+    return "amazon", r"meta_Books\.json\.gz: the item file is empty \(expected one product per line\)"
+
+
+def _schema_items_header_only(root):
+    root.mkdir(parents=True)
+    (root / "items.csv").write_text("item_id,text\n")
+    (root / "events.csv").write_text("user_id,item_id\nu1,i1\n")
+    return "schema", r"items\.csv: the item file is empty \(expected one item per row\)"
+
+
 CASES = [_missing_item_file, _wrong_separator, _csv_wrong_separator, _damaged_line, _truncated_gzip, _not_utf8_csv,
          _not_utf8_mind, _rating_out_of_range, _csv_rating_out_of_range, _amazon_rating_out_of_range, _unknown_movie,
-         _unknown_asin, _unknown_news, _bad_json]
+         _unknown_asin, _unknown_news, _bad_json, _empty_item_file, _empty_ml1m_movies, _csv_movies_header_only,
+         _empty_news, _empty_amazon_meta, _schema_items_header_only,
+         _long_field_then_damaged_line]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__.strip("_") for c in CASES])
@@ -129,6 +174,16 @@ def test_bad_input_is_one_clear_error_and_nothing_is_left_behind(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("uirl: ") and "Traceback" not in err[0]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("silos", ["0", "-2"])
+def test_data_stats_with_fewer_than_one_silo_is_an_argument_error(tmp_path, capsys, silos):
+    out = tmp_path / "ml"
+    convert("movielens", pf.write_ml100k(tmp_path / "src"), out, ConvertOptions(negatives=2))
+    assert main(["data", "stats", str(out), "--silos", silos]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"uirl: field '--silos' = {silos}: expected an integer >= 1 (the number "
+                                        "of silos)"] and "Traceback" not in err
 
 
 def test_unknown_items_can_be_skipped_on_request(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import numpy as np
@@ -184,3 +185,68 @@ def test_generated_ml100k_gives_rating_labels_and_genre_categories(tmp_path):
     assert labels and labels <= {"rate-4", "rate-5"}  # positives only, rating kept as the label
     assert set(silo.item_category.values()) <= set(ML100K_GENRES[1:]) and len(set(silo.item_category.values())) > 5
 
+
+
+def test_csv_fields_longer_than_pythons_default_limit_are_read(tmp_path, capsys):
+    """Python's csv module stops at 131,072 characters per field by default; a long review, item
+    text or a whole-catalogue candidate list is read in full."""
+    long_text = "a very long review " * 8_000  # 152,000 characters
+    ids = [f"i{k:05d}" for k in range(20_000)]  # a candidate list of them all: 139,999 characters
+    src = tmp_path / "src"
+    src.mkdir()
+    pd.DataFrame({"item_id": ids, "text": [long_text] + [f"item {k}" for k in range(1, len(ids))]}).to_csv(
+        src / "items.csv", index=False)
+    rows = [(f"u{u}", ids[u * 6 + k], 1000 * u + k, long_text if (u, k) == (0, 0) else "") for u in range(4)
+            for k in range(6)]
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "user_text"]).to_csv(src / "events.csv", index=False)
+    target = ids[5]  # u0's last event
+    negatives = [i for i in ids if i not in ids[:6]]
+    (src / "candidates.csv").write_text(f'user_id,split,candidates\nu0,test,"{" ".join([target] + negatives)}"\n')
+    out = tmp_path / "out"
+    assert main(["data", "convert", "--format", "schema", str(src), str(out), "--negatives", "3"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert _read(out, "items").set_index("item_id").loc["i00000", "text"] == long_text
+    assert _read(out, "events")["user_text"].str.len().max() == len(long_text)
+    assert len(_split(out)["u0"].test_candidates) == 1 + len(negatives)
+
+
+def _duplicate_ratings(root):
+    src = pf.write_ml100k(root)
+    lines = (src / "u.data").read_text().splitlines()
+    (src / "u.data").write_text("\n".join(lines + [lines[0], lines[3], lines[0]]) + "\n")
+    return "movielens", len(lines), 3
+
+
+def _duplicate_reviews(root):
+    pf.write_amazon2023(root)
+    path = root / "All_Beauty.jsonl.gz"
+    lines = gzip.open(path, "rt").read().splitlines()
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(lines + lines[:2]) + "\n")
+    return "amazon", len(lines), 2
+
+
+def _duplicate_schema_events(root):
+    data = generate(SyntheticSpec(num_users=12, num_items=60, num_silos=1, seed=2))
+    root.mkdir(parents=True)
+    data.items.to_json(root / "items.jsonl", orient="records", lines=True)
+    again = data.events.iloc[[0, 5]]
+    rerated = data.events.iloc[[7]].assign(value=9.0)  # same user, item, time and behaviour, another value: kept
+    pd.concat([data.events, again, rerated]).to_json(root / "events.jsonl", orient="records", lines=True)
+    return "schema", len(data.events) + 1, 2
+
+
+@pytest.mark.parametrize("case", [_duplicate_ratings, _duplicate_reviews, _duplicate_schema_events],
+                         ids=["movielens", "amazon", "schema"])
+def test_exact_duplicate_events_are_dropped_with_a_one_line_notice(tmp_path, capsys, case):
+    fmt, kept, dropped = case(tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["data", "convert", "--format", fmt, str(tmp_path / "src"), str(out), "--negatives", "2"]) == 0
+    notice = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: dropped")]
+    assert notice == [f"warning: dropped {dropped} duplicate events (equal to an earlier event in every column: "
+                      "user, item, timestamp, behaviour and the rest)"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["events"] == kept == len(_read(out, "events"))
+    assert notice[0].removeprefix("warning: ") in manifest["notes"]
+    events = _read(out, "events")
+    assert not events.duplicated().any()

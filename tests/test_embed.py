@@ -138,3 +138,51 @@ def test_a_model_trained_with_the_prior_recommends_with_it(tiny_bert, tmp_path):
     assert (export_run(tmp_path / "run", tmp_path / "export") / PRIOR_FILE).is_file()
     (final / PRIOR_FILE).unlink()
     assert main(["recommend", str(final), "--out", str(out), "--num-silos", "1"]) == 2
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("uirl: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_truncated_adapter_is_one_line_naming_the_file(trained, tmp_path, capsys):
+    """An adapter cut to half its bytes (an interrupted copy): embed and recommend say which file is
+    damaged, exit 2, and leave the existing outputs as they were."""
+    import shutil
+
+    final = tmp_path / "final"
+    shutil.copytree(trained[0], final)
+    adapter = final / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])
+    out = tmp_path / "keep.csv"
+    out.write_text("old\n")
+    for command in ("embed", "recommend"):
+        target = out if command == "recommend" else tmp_path / "u.npz"
+        assert main([command, str(final), "--out", str(target), "--num-silos", "2"]) == 2
+        line = _one_line_error(capsys)
+        assert str(adapter) in line and "not a readable safetensors file" in line and "cut short" in line
+    assert out.read_text() == "old\n" and not (tmp_path / "u.npz").exists()
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_a_model_from_another_base_model_names_the_array_and_both_shapes(trained, tmp_path, capsys):
+    """The base model given (or named by the run config) is not the one the adapter was trained on:
+    one line with the array, its shape and the expected one, not torch's size-mismatch traceback."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    final, cfg, _ = trained
+    other = tmp_path / "wider-bert"
+    shutil.copytree(cfg.model.name, other)  # same tokenizer, hidden size 48 instead of 32
+    BertModel(BertConfig(vocab_size=BertConfig.from_pretrained(cfg.model.name).vocab_size, hidden_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                         max_position_embeddings=64)).save_pretrained(str(other))
+    assert main(["embed", str(final), "--out", str(tmp_path / "u.npz"), "--model-name", str(other)]) == 2
+    line = _one_line_error(capsys)
+    assert "adapter_model.safetensors: array 'base_model.model." in line and "lora_" in line
+    assert "has shape (4, 32)" in line and "expects (4, 48)" in line
+    assert "trained on another base model or config" in line and str(other) in line
+    assert not (tmp_path / "u.npz").exists()

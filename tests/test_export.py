@@ -109,3 +109,31 @@ def test_the_model_card_states_the_guarantee_of_central_dp(tmp_path):
     assert "Client-level" in both and "User-level" in both
     none = _card(tmp_path, {"dp": False}, "none")
     assert "**None.**" in none and "Client-level" not in none
+
+
+@pytest.mark.parametrize("damage", ["adapter cut in half", "head with bytes appended", "metadata not JSON"])
+def test_a_damaged_file_is_never_exported_and_no_partial_export_is_left(tmp_path, tiny_bert, capsys, damage):
+    """``uirl export`` reads back what it would copy (safetensors header and sizes, JSON) and refuses
+    a damaged run with one line naming the file; neither the output nor a temporary is left."""
+    from uirl.model.build import build_model, save_adapter
+
+    cfg = tiny_config(tiny_bert, **{"synthetic-users": 24, "synthetic-items": 120})
+    model, encoder = build_model(cfg)
+    run = RunDirectory.create(tmp_path / "runs", "damaged", {})
+    run.record_round({"round": 0, "auc": 0.5})
+    final = save_adapter(model, run.path / "final",
+                         meta={"base-model": encoder.model_name, "run-config": to_run_config(cfg)})
+    name, expected = {"adapter cut in half": ("adapter_model.safetensors", "not a readable safetensors file"),
+                      "head with bytes appended": ("interest_head.safetensors", "not a readable safetensors file"),
+                      "metadata not JSON": ("uirl_model.json", "not valid JSON")}[damage]
+    path = final / name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage != "head with bytes appended" else data + b"\0" * 16)
+    out = tmp_path / "exports" / "model"
+    assert main(["export", str(run.path), str(out)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith(f"uirl: {path}") and expected in lines[0]
+    assert not (tmp_path / "exports").exists()  # no output, no temporary beside it
+    assert path.read_bytes() != data and (final / "adapter_config.json").is_file()  # the run is left as it was

@@ -43,6 +43,11 @@ def test_ledger_file_round_trip_and_fail_closed(tmp_path):
     stored = file.read()
     assert stored.rounds == 1 and stored.release == release
     np.testing.assert_array_equal(file.released_arrays(stored.release)["b"], arrays["b"])
+    released = file.release_path.read_bytes()
+    file.release_path.write_bytes(released[: len(released) // 2])  # cut short: refused, not a traceback
+    with pytest.raises(PrivacyError, match="unreadable released update"):
+        file.released_arrays(stored.release)
+    file.release_path.write_bytes(released)
 
     good = file.path.read_text()
     file.path.write_text(good.replace('"rounds": 1', '"rounds": 0'))  # edited: checksum no longer matches
@@ -118,6 +123,11 @@ def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path, setting):
     for name, value in state.items():
         np.testing.assert_array_equal(ckpt.arrays[name], value + 3)
     # A damaged newest checkpoint falls back to the one before.
+    arrays = run.path / "checkpoints" / "round-3" / "arrays.safetensors"
+    good = arrays.read_bytes()
+    arrays.write_bytes(good[: len(good) // 2])
+    assert load_checkpoint(run.path).round == 2
+    arrays.write_bytes(good)
     (run.path / "checkpoints" / "round-3" / "state.json").write_text("{")
     assert load_checkpoint(run.path).round == 2
     assert resolve_resume(tmp_path / "runs", "latest") == run.path

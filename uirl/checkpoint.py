@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from uirl.atomic import atomic_dir
@@ -97,7 +98,7 @@ def load_checkpoint(run_path: Path) -> Checkpoint:
                 raise ValueError(f"state.json says round {state['round']}")
             return Checkpoint(round=r, arrays=arrays, strategy=state["strategy"], rounds=state["rounds"],
                               ledger=state["ledger"], path=path)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             problems.append(f"round-{r}: {exc}")
     raise CheckpointError(f"{run_path}: no readable checkpoint ({'; '.join(problems)})")
 

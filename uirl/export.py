@@ -16,24 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from uirl.atomic import atomic_dir
-from uirl.errors import UirlError
-from uirl.rundir import PRIOR_FILE
+from uirl.errors import DataError, UirlError
+from uirl.rundir import PRIOR_FILE, read_json_object, read_jsonl, read_ledger
+from uirl.tensor_files import check_tensor_file
 
 FILES = ("adapter_config.json", "adapter_model.safetensors", "interest_head.safetensors", "uirl_model.json")
 #: Files a model has only with some settings: the popularity prior with ``popularity-prior``.
 OPTIONAL_FILES = (PRIOR_FILE,)
 _METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UirlError(f"{path} line {n}: not valid JSON") from None
-    return rows
 
 
 _USER_LEVEL = (
@@ -81,9 +71,9 @@ def _guarantee(cfg: dict[str, Any], rounds: int) -> str:
 def model_card(run_dir: Path, meta: dict[str, Any]) -> str:
     """The README.md of an export, from the run directory's files."""
     cfg = meta.get("run-config", {})
-    rounds = _read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    rounds = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     ledger_path = run_dir / "privacy_ledger.json"
-    ledger = json.loads(ledger_path.read_text(encoding="utf-8")) if ledger_path.is_file() else {}
+    ledger = read_ledger(ledger_path) if ledger_path.is_file() else {}
     last = rounds[-1] if rounds else {}
     try:
         adapter = json.loads((run_dir / "final" / "adapter_config.json").read_text(encoding="utf-8"))
@@ -137,6 +127,26 @@ def model_card(run_dir: Path, meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_readable(final: Path) -> None:
+    """Every file an export copies from ``final`` reads back: each safetensors file's header and
+    sizes (:func:`~uirl.tensor_files.check_tensor_file`), each JSON file parses, the prior loads."""
+    import numpy as np
+
+    for name in FILES + OPTIONAL_FILES:
+        path = final / name
+        if not path.is_file():
+            continue
+        if name.endswith(".safetensors"):
+            check_tensor_file(path)
+        elif name.endswith(".json"):
+            read_json_object(path)
+        else:
+            try:
+                np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"not a readable .npy file ({exc})", file=str(path)) from None
+
+
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
     """Write the final adapter of ``run_dir`` and its model card to ``out`` (which must not exist)."""
     run_dir, out = Path(run_dir), Path(out)
@@ -146,7 +156,8 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
         raise UirlError(f"{run_dir}: not a finished run (missing final/{missing[0]})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UirlError(f"{out}: already exists; choose a new output directory")
-    meta = json.loads((final / "uirl_model.json").read_text(encoding="utf-8"))
+    check_readable(final)  # before anything is written: a damaged file is never exported
+    meta = read_json_object(final / "uirl_model.json")
     card = model_card(run_dir, meta)
     with atomic_dir(out) as tmp:
         for name in FILES + OPTIONAL_FILES:

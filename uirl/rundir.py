@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from uirl.atomic import atomic_write_bytes, atomic_write_text
-from uirl.errors import UirlError
+from uirl.errors import DataError, UirlError
 
 
 #: Environment variable naming a file in which the ServerApp records the run directory it writes
@@ -48,6 +48,48 @@ def announce(path: Path, *, run_id: int | None = None) -> None:
 #: model that scores with it (``final/``, checkpoints, exports): one value per catalogue item, in
 #: sorted item-id order (:func:`uirl.federated.catalogue_ids`).
 PRIOR_FILE = "popularity_prior.npy"
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding one object (``config.json``, ``privacy_ledger.json``, a model's
+    ``uirl_model.json``); anything else is a DataError naming the file (and line)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON (column {exc.colno}: {exc.msg})", file=str(path), line=exc.lineno) from None
+    except UnicodeDecodeError:
+        raise DataError("not valid JSON (not UTF-8 text)", file=str(path)) from None
+    if not isinstance(value, dict):
+        raise DataError(f"expected a JSON object, found a {type(value).__name__}", file=str(path))
+    return value
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file of the run directory (``metrics.jsonl``, ``privacy.jsonl``),
+    blank lines skipped; a line that is not a JSON object is a DataError naming the file and line."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON ({exc.msg})", file=str(path), line=number) from None
+        if not isinstance(row, dict):
+            raise DataError(f"expected a JSON object, found a {type(row).__name__}", file=str(path), line=number)
+        rows.append(row)
+    return rows
+
+
+def read_ledger(path: Path) -> dict[str, dict[str, Any]]:
+    """``privacy_ledger.json``: node id -> that node's latest entry (a JSON object). Whether an
+    entry has the numbers a reader needs is the reader's to check (an entry may lack them)."""
+    ledger = read_json_object(path)
+    for node, entry in ledger.items():
+        if not isinstance(entry, dict):
+            raise DataError(f"expected a JSON object per node, found a {type(entry).__name__}", file=str(path),
+                            field=node)
+    return ledger
 
 
 def new_run_name() -> str:
@@ -77,11 +119,10 @@ class RunDirectory:
         run = cls(path)
         run.rounds = [dict(r) for r in rounds]
         run.ledger = {k: dict(v) for k, v in ledger.items()}
+        privacy = run.path / "privacy.jsonl"
+        kept = read_jsonl(privacy) if privacy.is_file() else []  # read first: a damaged file changes nothing
         run._rewrite("metrics.jsonl", run.rounds)
         run._rewrite_csv()
-        privacy = run.path / "privacy.jsonl"
-        kept = [json.loads(line) for line in privacy.read_text(encoding="utf-8").splitlines() if line.strip()] \
-            if privacy.is_file() else []
         run._rewrite("privacy.jsonl", [row for row in kept if row.get("round", 0) <= upto_round])
         atomic_write_text(run.path / "privacy_ledger.json", json.dumps(run.ledger, indent=2, sort_keys=True) + "\n")
         return run

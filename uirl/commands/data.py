@@ -67,6 +67,8 @@ def _stats(args: argparse.Namespace) -> int:
     from uirl.data.convert import read_manifest
     from uirl.data.stats import silo_stats
 
+    if args.silos < 1:
+        raise ConfigError("expected an integer >= 1 (the number of silos)", field="--silos", value=args.silos)
     manifest = read_manifest(Path(args.dir), key="DIR")
     data = DataConfig(dataset=args.dir, partitioning=args.partitioning, partition_by=args.partition_by,
                       dirichlet_alpha=args.dirichlet_alpha)

@@ -83,6 +83,36 @@ def _known_items(events: pa.Table, items: pa.Table, skip: bool, source: str) -> 
                     "such events)", file=source, row=i, field="item_id", value=events["item_id"][i].as_py())
 
 
+def _key_codes(column: pa.ChunkedArray) -> np.ndarray:
+    """One uint64 per value, equal values equal (strings: dictionary codes; nulls: a code too)."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        encoded = pc.dictionary_encode(column, null_encoding="encode").combine_chunks()
+        return encoded.indices.to_numpy().astype(np.uint64)
+    return pc.fill_null(column, 0).to_numpy().astype(np.int64).view(np.uint64)
+
+
+def drop_duplicate_events(events: pa.Table) -> tuple[pa.Table, int]:
+    """``events`` without exact repeats (rows equal in every column: the first is kept, the order
+    is unchanged), and how many were dropped. A 64-bit hash of user, item, timestamp and behaviour
+    finds the few candidate rows cheaply; only those are compared on every column."""
+    key = np.zeros(len(events), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for name in ("user_id", "item_id", "timestamp", "behavior"):
+            if name in events.column_names:
+                key = key * np.uint64(0x9E3779B97F4A7C15) + _key_codes(events[name])
+    ordered = np.sort(key)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if not len(repeated):
+        return events, 0
+    rows = np.flatnonzero(np.isin(key, repeated))
+    candidates = events.take(pa.array(rows)).append_column("__row", pa.array(rows))
+    first = candidates.group_by(events.column_names, use_threads=False).aggregate([("__row", "min")])
+    dropped = np.setdiff1d(rows, first["__row_min"].to_numpy())
+    keep = np.ones(len(events), dtype=bool)
+    keep[dropped] = False
+    return events.filter(pa.array(keep)), len(dropped)
+
+
 def _core(events: pa.Table, k: int) -> pa.Table:
     """Iterated k-core: keep events whose user and item both have >= k events."""
     users, _ = user_codes(events)
@@ -158,6 +188,11 @@ def convert(fmt: str, input_path: str | os.PathLike, output_dir: str | os.PathLi
         say(f"warning: {note}")
     _check_items(tables.items, str(source))
     events = _known_items(tables.events, tables.items, options.skip_unknown_items, str(source))
+    events, repeats = drop_duplicate_events(events)
+    if repeats:
+        tables.notes.append(f"dropped {repeats:,} duplicate events (equal to an earlier event in every column: "
+                            "user, item, timestamp, behaviour and the rest)")
+        say(f"warning: {tables.notes[-1]}")
     if options.core:
         events = _core(events, options.core)
     if len(events) == 0:

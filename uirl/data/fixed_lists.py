@@ -16,7 +16,6 @@ directory (``candidates.parquet``), so ``uirl data split`` applies them again.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uirl.data.formats.common import json_records, text_lines
+from uirl.data.formats.common import csv_rows, json_records, text_lines
 from uirl.errors import DataError
 
 COLUMNS = ("user_id", "split", "candidates")
@@ -63,7 +62,7 @@ def _records(path: Path) -> tuple[list[dict], list[int], bool]:
     if path.suffix == ".jsonl":
         pairs = list(json_records(path))
         return [r for _, r in pairs], [n for n, _ in pairs], True
-    reader = csv.reader(line for _, line in text_lines(path))
+    reader = csv_rows(line for _, line in text_lines(path))
     header = next(reader, None)
     if header is None:
         raise DataError("file is empty", file=str(path))
@@ -80,6 +79,16 @@ def _records(path: Path) -> tuple[list[dict], list[int], bool]:
         records.append(record)
         lines.append(reader.line_num)
     return records, lines, True
+
+
+def _first_repeat(ids: list[str]) -> str | None:
+    """The first id that appears a second time in ``ids`` (linear: lists may hold a whole catalogue)."""
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            return i
+        seen.add(i)
+    return None
 
 
 def read_fixed_lists(path: Path, item_ids: Collection[str]) -> FixedLists:
@@ -106,7 +115,7 @@ def read_fixed_lists(path: Path, item_ids: Collection[str]) -> FixedLists:
         if len(candidates) < 2:
             raise lists.error(i, "expected at least 2 ids (the target and one negative)", field="candidates",
                               value=candidates)
-        dup = next((c for k, c in enumerate(candidates) if c in candidates[:k]), None)
+        dup = _first_repeat(candidates)
         if dup is not None:
             raise lists.error(i, "an item id that appears twice in one list", field="candidates", value=dup)
         unknown = next((c for c in candidates if c not in item_ids), None)

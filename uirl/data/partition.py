@@ -43,6 +43,8 @@ def assign(users: pd.DataFrame, *, partitioning: str, partition_by: str, alpha: 
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
+    if num_partitions < 1:
+        raise ConfigError("expected an integer >= 1", field="num-partitions", value=num_partitions)
     ids = users["user_id"].astype(str).tolist()
     if partitioning == "iid":
         if num_partitions > len(ids):

@@ -7,16 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
 
 from uirl.config import Config, from_run_config
 from uirl.errors import UirlError
 from uirl.model.encoder import SHIPPED_MINILM_HUB_ID, SHIPPED_MINILM_PACKAGE, Encoder, load_encoder, portable_model_name
 from uirl.model.interest import InterestModel
 from uirl.rundir import PRIOR_FILE
+from uirl.tensor_files import read_tensors
 
 HEAD_FILE = "interest_head.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"
 META_FILE = "uirl_model.json"
 
 
@@ -78,8 +80,23 @@ def load_prior(directory: str | Path, cfg: Config) -> np.ndarray | None:
 
 
 def load_head(model: InterestModel, directory: str | Path) -> None:
-    state = load_file(str(Path(directory) / HEAD_FILE))
-    model.load_adapter_state(state)
+    model.load_adapter_state(read_tensors(Path(directory) / HEAD_FILE))
+
+
+def check_adapter_shapes(adapter: dict[str, torch.Tensor], model: InterestModel, cfg: Config, path: Path,
+                         trained_on: str | None = None) -> None:
+    """Every array of a saved adapter has the shape the model built from ``cfg`` expects (names in
+    PEFT's saved form); a mismatch means another base model or LoRA config trained it.
+    ``trained_on``: the base model the saved metadata names, shown in the error."""
+    expected = get_peft_model_state_dict(model.encoder)
+    for name, value in adapter.items():
+        want = expected.get(name)
+        if want is not None and tuple(want.shape) != tuple(value.shape):
+            saved = f"; its uirl_model.json names {trained_on!r}" if trained_on else ""
+            raise UirlError(
+                f"{path}: array {name!r} has shape {tuple(value.shape)}, but base model {cfg.model.name!r} with "
+                f"lora-r {cfg.model.lora_r} expects {tuple(want.shape)}: the model was trained on another base "
+                f"model or config{saved} (give the base model it was trained on with --model-name)")
 
 
 def load_trained(directory: str | Path, *, model_name: str | None = None) -> tuple[InterestModel, Encoder, Config]:
@@ -87,7 +104,7 @@ def load_trained(directory: str | Path, *, model_name: str | None = None) -> tup
     metadata), the base encoder (``model_name`` overrides where it lives), the LoRA adapter and
     the interest head. Raises :class:`~uirl.errors.UirlError` naming what is missing."""
     directory = Path(directory)
-    for name in (META_FILE, HEAD_FILE, "adapter_model.safetensors"):
+    for name in (META_FILE, HEAD_FILE, ADAPTER_FILE):
         if not (directory / name).is_file():
             raise UirlError(f"{directory}: not a saved uirl model (no {name}; expected a run's final/ directory)")
     try:
@@ -100,8 +117,9 @@ def load_trained(directory: str | Path, *, model_name: str | None = None) -> tup
     elif "model-name" not in run_config and meta.get("base-model"):
         run_config["model-name"] = meta["base-model"]
     cfg = from_run_config(run_config)
+    adapter = read_tensors(directory / ADAPTER_FILE)  # a damaged file fails before the slow build
     model, encoder = build_model(cfg)
-    adapter = load_file(str(directory / "adapter_model.safetensors"))
+    check_adapter_shapes(adapter, model, cfg, directory / ADAPTER_FILE, trained_on=meta.get("base-model"))
     try:
         result = set_peft_model_state_dict(model.encoder, adapter)
     except RuntimeError as exc:  # shapes differ: another LoRA rank or targets than the run config says

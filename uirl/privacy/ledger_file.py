@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from uirl.atomic import atomic_file, atomic_write_text
@@ -113,7 +114,7 @@ class LedgerFile:
         """The arrays of ``release``, checked against its digest."""
         try:
             arrays = {k: v.numpy() for k, v in load_file(str(self.release_path)).items()}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:
             raise PrivacyError(f"{self.release_path}: unreadable released update ({exc}); refusing to train") from None
         if digest_arrays(arrays) != release.update_digest:
             raise PrivacyError(f"{self.release_path}: released update does not match the ledger; refusing to train")

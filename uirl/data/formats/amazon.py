@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from uirl.data.formats.common import Tables, events_table, items_table, json_records
+from uirl.data.formats.common import Tables, events_table, items_table, json_records, require_items
 from uirl.errors import DataError
 
 _SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json")
@@ -124,12 +124,15 @@ def read(path: Path, *, skip_unknown: bool = False) -> Tables:
         raise DataError("no reviews in the file(s)", file=str(path))
     items: dict[str, tuple[str, str | None]] = {}
     for category in sorted({_category(r) for r in reviews}):
+        products = 0
         for meta_file in meta[category]:
             for line, m in json_records(meta_file):
+                products += 1
                 item = str(_need(m, ("parent_asin", "asin"), meta_file, line))
                 if item in wanted and item not in items:
                     main = m.get("main_category") or m.get("main_cat") or category
                     items[item] = (_item_text(m) or item, _text(main) or category)
+        require_items(products, meta[category][0], "product")
     missing = [k for k, item in enumerate(cols["item_id"]) if item not in items]
     if missing and not skip_unknown:
         file, line = where[missing[0]]

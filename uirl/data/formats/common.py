@@ -13,7 +13,7 @@ import csv
 import gzip
 import json
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 EVENT_TYPES = {"user_id": pa.string(), "item_id": pa.string(), "timestamp": pa.int64(),
                "behavior": pa.string(), "value": pa.float64(), "user_text": pa.string(), "silo": pa.string()}
 ITEM_TYPES = {"item_id": pa.string(), "text": pa.string(), "category": pa.string()}
+#: Longest CSV field read, in characters: Python's csv module stops at 131,072 by default, and a
+#: review (or a long candidate list) can be longer. 2**31 - 1 fits a C long on every platform.
+CSV_FIELD_LIMIT = 2**31 - 1
 
 
 @dataclass
@@ -61,6 +64,13 @@ def require_file(path: Path) -> Path:
         raise DataError("file not found" if not path.exists() else "expected a file, found a directory",
                         file=str(path))
     return path
+
+
+def require_items(count: int, path: Path, what: str, *, unit: str = "line") -> None:
+    """An item file without one item is said to be empty, rather than every event later naming
+    an item that is "not in the catalogue"."""
+    if count == 0:
+        raise DataError(f"the item file is empty (expected one {what} per {unit})", file=str(path))
 
 
 def _gzip(path: Path) -> bool:
@@ -120,6 +130,15 @@ def split_lines(path: Path, sep: str, num_fields: int | Sequence[int], *, encodi
         yield number, fields
 
 
+def csv_rows(lines: Iterable[str], *, delimiter: str = ",") -> Iterator[list[str]]:
+    """``csv.reader`` over ``lines``, with fields up to :data:`CSV_FIELD_LIMIT` characters (the
+    limit is process-wide in the csv module; it is only ever raised here). A csv reader, so
+    ``line_num`` gives the line of the last row."""
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+    return csv.reader(lines, delimiter=delimiter)
+
+
 def _first_line(path: Path, encoding: str) -> str:
     for _, line in text_lines(path, encoding=encoding):
         return line
@@ -131,7 +150,7 @@ def _locate(path: Path, *, delimiter: str, names: Sequence[str], types: dict, en
     """The first line Arrow could not take (slow scan; only runs after Arrow reported a problem)."""
     numeric = {n for n, t in types.items() if pa.types.is_integer(t) or pa.types.is_floating(t)}
     lines = (line for _, line in text_lines(path, encoding=encoding))
-    for number, fields in enumerate(csv.reader(lines, delimiter=delimiter), start=1):
+    for number, fields in enumerate(csv_rows(lines, delimiter=delimiter), start=1):
         if number <= skip or not fields:
             continue
         if len(fields) != len(names):
@@ -157,7 +176,7 @@ def read_delimited(path: Path, *, delimiter: str, names: Sequence[str], types: d
     require_file(path)
     first = _first_line(path, encoding)
     if header is not None:
-        got = next(csv.reader([first], delimiter=delimiter))
+        got = next(csv_rows([first], delimiter=delimiter))
         if [g.strip() for g in got] != list(header):
             raise DataError(f"expected the header {delimiter.join(header)!r} (wrong file or separator?)",
                             file=str(path), line=1, value=first[:80])

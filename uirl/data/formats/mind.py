@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from uirl.data.formats.common import Tables, events_table, items_table, require_file, split_lines
+from uirl.data.formats.common import Tables, events_table, items_table, require_file, require_items, split_lines
 from uirl.errors import DataError
 
 _TIME = "%m/%d/%Y %I:%M:%S %p"
@@ -43,6 +43,7 @@ def read(path: Path, *, skip_unknown: bool = False) -> Tables:
         ids.append(f[0])
         texts.append(". ".join(p for p in (title, f"{f[1]} / {f[2]}", abstract) if p))
         cats.append(f[1] or None)
+    require_items(len(ids), news_path, "news article")
     known = set(ids)
     ev: dict[str, list] = {k: [] for k in ("user_id", "item_id", "timestamp", "behavior")}
     imp: dict[str, list] = {k: [] for k in ("user_id", "impression", "timestamp", "item_id", "clicked")}

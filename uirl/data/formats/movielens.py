@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from uirl.data.formats.common import (Tables, check_range, events_table, items_table, read_delimited,
-                                      require_file, split_lines)
+                                      require_file, require_items, split_lines)
 from uirl.errors import DataError
 
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -121,6 +121,7 @@ def _ml100k(root: Path, skip_unknown: bool) -> Tables:
         ids.append(int(f[0]))
         texts.append(_item_text(f[1], genres))
         cats.append(genres[0] if genres else None)
+    require_items(len(ids), root / "u.item", "movie")
     items = items_table([str(i) for i in ids], texts, cats)
     path = root / "u.data"
     types = {"user": pa.int32(), "item": pa.int32(), "rating": pa.float32(), "timestamp": pa.int64()}
@@ -144,6 +145,7 @@ def _ml1m(root: Path, skip_unknown: bool) -> Tables:
         ids.append(int(f[0]))
         texts.append(_item_text(f[1], genres))
         cats.append(genres[0] if genres else None)
+    require_items(len(ids), root / "movies.dat", "movie")
     items = items_table([str(i) for i in ids], texts, cats)
     path = root / "ratings.dat"
     cols: dict[str, list] = {"user": [], "item": [], "rating": [], "timestamp": []}
@@ -183,8 +185,10 @@ def _ml1m(root: Path, skip_unknown: bool) -> Tables:
 def _csv(root: Path, skip_unknown: bool) -> Tables:
     movie_types = {"movieId": pa.int32(), "title": pa.string(), "genres": pa.string()}
     path = require_file(root / "movies.csv")
-    movies = pa.Table.from_batches([b for _, b in read_delimited(path, delimiter=",", names=list(movie_types),
-                                                                 types=movie_types, header=list(movie_types))])
+    batches = [b for _, b in read_delimited(path, delimiter=",", names=list(movie_types), types=movie_types,
+                                            header=list(movie_types))]
+    require_items(sum(b.num_rows for b in batches), path, "movie")
+    movies = pa.Table.from_batches(batches)
     ids = movies["movieId"].to_pylist()
     texts, cats = [], []
     for title, genre_field in zip(movies["title"].to_pylist(), movies["genres"].to_pylist()):

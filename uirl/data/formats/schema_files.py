@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from uirl.data.fixed_lists import read_fixed_lists
-from uirl.data.formats.common import EVENT_TYPES, ITEM_TYPES, Tables, json_records, text_lines
+from uirl.data.formats.common import EVENT_TYPES, ITEM_TYPES, Tables, json_records, require_items, text_lines
 from uirl.data.schema import validate_events, validate_items
 from uirl.errors import DataError
 
@@ -48,7 +48,9 @@ def _frame(path: Path) -> pd.DataFrame:
         pass
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except pd.errors.ParserError as exc:
         raise DataError(f"not valid CSV ({' '.join(str(exc).split())})", file=str(path)) from None
 
 
@@ -57,8 +59,12 @@ def read(path: Path, *, skip_unknown: bool = False) -> Tables:
     if not root.exists():
         raise DataError("no such directory", file=str(path))
     items_path, events_path = _find(root, "items", True), _find(root, "events", True)
-    items = validate_items(_frame(items_path), source=str(items_path))
+    frame = _frame(items_path)
+    require_items(len(frame), items_path, "item", unit="row")
+    items = validate_items(frame, source=str(items_path))
     raw = _frame(events_path)
+    if raw.empty:
+        raise DataError("the events file is empty (expected one event per row)", file=str(events_path))
     order = "timestamp" if "timestamp" in raw.columns else "file"
     if {"user_id", "item_id"} <= set(raw.columns):  # else the validator names the missing column
         if order == "file":
