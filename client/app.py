@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 
 from client.secagg import secagg_train, secagg_when_configured
 from uirl.config import Config, SiloConfig, from_run_config, silo_from_node_config
-from uirl.federated import (COUNTS_ARRAY, PRIOR_ARRAY, RELEASE_ACTION, local_evaluate, local_release_durable,
+from uirl.federated import (COUNTS_ARRAY, EvaluationWithheld, PRIOR_ARRAY, RELEASE_ACTION, local_evaluate, local_release_durable,
                             local_train_durable)
 
 app = ClientApp(mods=[secagg_when_configured])
@@ -112,5 +112,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config)
     silo = silo_from_node_config(context.node_config)
     global_state, prior = _split_prior(_global_state(msg))
-    metrics = local_evaluate(cfg, silo, global_state, prior=prior)
+    try:
+        metrics = local_evaluate(cfg, silo, global_state, prior=prior)
+    except EvaluationWithheld as why:  # too few users to report: the reason, and no numbers
+        return Message(content=RecordDict({"error": ConfigRecord({"message": str(why)})}), reply_to=msg)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

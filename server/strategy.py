@@ -140,6 +140,10 @@ class ValidatingFedAvg(FedAvg):
         rows, kept = [], []
         for msg in replies:
             node = msg.metadata.src_node_id
+            if not msg.has_error() and not msg.content.metric_records and refusal(msg.content):
+                rows.append(rejected_row(self.checker, server_round, node, "evaluate",
+                                         f"withheld: {refusal(msg.content)}", log_warning))
+                continue
             try:
                 reply = self.checker.evaluate(node, _records(msg)[0])
             except ReplyRejected as why:

@@ -18,7 +18,7 @@ from uirl.model.build import build_model
 from uirl.privacy.accountant import RDP_ORDERS
 from uirl.privacy.central import central_dp_aggregate, central_epsilon, clip_update, plan_central_noise
 
-FAST = {"num-server-rounds": 1, "synthetic-users": 40, "eval-max-users": 6, "local-epochs": 0.5}
+FAST = {"num-server-rounds": 1, "synthetic-users": 40, "eval-max-users": 6, "eval-min-users": 5, "local-epochs": 0.5}
 
 
 def test_every_method_scores_the_same_candidate_lists(tiny_bert, monkeypatch):

@@ -65,3 +65,19 @@ def test_the_library_never_imports_flower():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_readme_lists_what_a_silo_sends_as_the_model_card_does():
+    """The README's list of what leaves a silo is the one :mod:`uirl.privacy.guarantee` writes into
+    every model card, and it names what the wire really carries: the metric keys an honest silo
+    under DP sends (:data:`uirl.federated.TRAIN_REPLY_KEYS` less what it keeps)."""
+    from uirl.federated import KEPT_UNDER_DP, STATUS_OK, TRAIN_REPLY_KEYS
+    from uirl.privacy.guarantee import released_text
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for line in released_text({"popularity-prior": True}).splitlines():
+        assert "   " + line in readme, line
+    sent = TRAIN_REPLY_KEYS[STATUS_OK] - KEPT_UNDER_DP
+    assert not sent & {"train-loss", "users-sampled"}
+    assert "not its training loss or the size of its Poisson samples" in released_text({})
+    assert "training loss and the number of users it sampled (exact" in released_text({"dp": False})

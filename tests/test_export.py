@@ -111,6 +111,15 @@ def test_the_model_card_states_the_guarantee_of_central_dp(tmp_path):
     assert "**None.**" in none and "Client-level" not in none
 
 
+def test_the_model_card_says_what_each_silo_sent(tmp_path):
+    from uirl.privacy.guarantee import released_text
+
+    for name, run_config in (("dp", {"popularity-prior": True, "eval-min-users": 25}), ("plain", {"dp": False})):
+        card = _card(tmp_path, run_config, name)
+        assert "## What each silo sent the server" in card and released_text(run_config) in card
+    assert "at least 25 users" in _card(tmp_path, {"eval-min-users": 25}, "min")
+
+
 @pytest.mark.parametrize("damage", ["adapter cut in half", "head with bytes appended", "metadata not JSON"])
 def test_a_damaged_file_is_never_exported_and_no_partial_export_is_left(tmp_path, tiny_bert, capsys, damage):
     """``uirl export`` reads back what it would copy (safetensors header and sizes, JSON) and refuses

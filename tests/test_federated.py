@@ -45,20 +45,39 @@ def test_reply_carries_only_trainable_arrays_and_whitelisted_scalars(tiny_bert):
 
 @pytest.mark.parametrize("dp", [True, False])
 def test_a_silo_reports_its_progress_within_a_round_on_its_own_console(tiny_bert, dp):
-    """``progress-every=0``: a line per step with the users so far and, under DP, the epsilon spent;
-    the last line's epsilon is the one the reply reports. The lines go to ``say`` (the silo's own
-    console), never into the reply."""
+    """``progress-every=0``: a line per step with the users so far and, under DP, the epsilon spent,
+    then one with the round's loss; the last line's epsilon is the one the reply reports. The lines
+    go to ``say`` (the silo's own console); under DP the loss and the sample size never enter the reply."""
     cfg = tiny_config(tiny_bert, dp=dp, **{"progress-every": 0})
     state, _ = _global(cfg)
     lines: list[str] = []
     _, metrics, _ = local_train(cfg, SILO, state, ledger_json=None, server_round=1, say=lines.append)
     steps = int(metrics["steps"])
-    assert [line.split(":")[1].strip() for line in lines] == ["silo 0 round 1"] * steps
-    assert lines[-1].startswith(f"uirl: silo 0 round 1: step {steps}/{steps}, {int(metrics['users-sampled'])} users")
+    assert [line.split(":")[1].strip() for line in lines] == ["silo 0 round 1"] * (steps + 1)
+    users = int(lines[-2].split(", ")[1].split()[0])
+    assert lines[-2].startswith(f"uirl: silo 0 round 1: step {steps}/{steps}, {users} users")
+    assert lines[-1].startswith(f"uirl: silo 0 round 1: trained, {steps} steps, {users} users, loss ")
     assert lines[-1].endswith(f"epsilon {metrics['epsilon']:.2f}") if dp else "epsilon" not in lines[-1]
-    quiet: list[str] = []  # the default: a line every 15 s, so none in a round this short
+    assert ("train-loss" in metrics and "users-sampled" in metrics) is not dp
+    if not dp:
+        assert metrics["users-sampled"] == users and lines[-1].split("loss ")[1] == f"{metrics['train-loss']:.4f}"
+    quiet: list[str] = []  # the default: a line every 15 s, so only the last one in a round this short
     local_train(tiny_config(tiny_bert, dp=dp), SILO, state, ledger_json=None, server_round=1, say=quiet.append)
-    assert quiet == []
+    assert len(quiet) == 1 and ": trained, " in quiet[0]
+
+
+def test_a_silo_with_too_few_evaluated_users_reports_no_metrics(tiny_bert):
+    """Evaluation metrics are not DP: a silo reports them only as averages over at least
+    eval-min-users users, and a configuration that would evaluate fewer is refused up front."""
+    from uirl.errors import ConfigError
+    from uirl.federated import EvaluationWithheld
+
+    cfg = tiny_config(tiny_bert, **{"eval-min-users": 1000})
+    state, _ = _global(cfg)
+    with pytest.raises(EvaluationWithheld, match="fewer than eval-min-users 1000"):
+        local_evaluate(cfg, SILO, state)
+    with pytest.raises(ConfigError, match="eval-max-users"):
+        tiny_config(tiny_bert, **{"eval-max-users": 3})  # below the default eval-min-users (10)
 
 
 def test_minilm_reply_is_about_one_percent_of_the_model():

@@ -16,7 +16,7 @@ from server.app import _Recorder, _silo_rounds, build_strategy
 from uirl.aggregation import fedavg, require_finite
 from uirl.config import from_run_config
 from uirl.errors import RunFailed
-from uirl.federated import STATUS_BUDGET_EXHAUSTED, STATUS_LEDGER_ERROR, TRAIN_METRICS
+from uirl.federated import KEPT_UNDER_DP, STATUS_BUDGET_EXHAUSTED, STATUS_LEDGER_ERROR, TRAIN_METRICS
 from uirl.replies import ReplyChecker, ReplyRejected
 from uirl.rundir import RunDirectory
 
@@ -41,11 +41,12 @@ class _Grid:
 
 
 def _metrics(k: int, server_round: int, **changes) -> dict:
-    """Silo ``k``'s honest training metrics in ``server_round``, with ``changes`` (None: key left out)."""
-    honest = {"num-examples": 100.0, "silo": float(k), "status": 0.0, "train-loss": 1.0 + k, "steps": 4.0,
-              "users-sampled": 120.0, "epsilon": 0.5 * server_round, "delta": 1e-5, "target-epsilon": 8.0,
+    """Silo ``k``'s honest training metrics in ``server_round`` under DP (no loss, no sample size:
+    they stay on the silo), with ``changes`` (None: key left out)."""
+    honest = {"num-examples": 100.0, "silo": float(k), "status": 0.0, "steps": 4.0,
+              "epsilon": 0.5 * server_round, "delta": 1e-5, "target-epsilon": 8.0,
               "noise-multiplier": 1.1, "sample-rate": 0.3, "rounds-trained": float(server_round), "replayed": 0.0}
-    assert set(honest) == TRAIN_METRICS
+    assert set(honest) == TRAIN_METRICS - KEPT_UNDER_DP
     honest.update(changes)
     return {k: v for k, v in honest.items() if v is not None}
 
@@ -87,14 +88,18 @@ class Federation:
         replies = []
         for msg in sent:
             silo = NODES.index(msg.metadata.dst_node_id)
-            honest = {"num-examples": 50.0, "silo": float(silo), "auc": 0.6 + 0.01 * silo, "mrr": 0.3,
-                      "ndcg@5": 0.3, "ndcg@10": 0.35, "recall@5": 0.4, "recall@10": 0.5}
-            replies.append(Message(_content((bad or {}).get(silo, honest), None), reply_to=msg))
+            reply = (bad or {}).get(silo, _eval_metrics(silo))
+            replies.append(Message(reply if isinstance(reply, RecordDict) else _content(reply, None), reply_to=msg))
         self.strategy.aggregate_evaluate(server_round, replies)
         return self.run.rounds[-1]
 
     def privacy_rows(self) -> list[dict]:
         return [json.loads(line) for line in (self.run.path / "privacy.jsonl").read_text().splitlines()]
+
+
+def _eval_metrics(silo: int) -> dict:
+    return {"num-examples": 50.0, "silo": float(silo), "auc": 0.6 + 0.01 * silo, "mrr": 0.3,
+            "ndcg@5": 0.3, "ndcg@10": 0.35, "recall@5": 0.4, "recall@10": 0.5}
 
 
 def _clean(silos) -> dict[str, np.ndarray]:
@@ -108,7 +113,9 @@ HOSTILE = {
     "num-examples zero": (lambda r: (_metrics(4, r, **{"num-examples": 0.0}), _update(4)), "num-examples"),
     "an extra metric": (lambda r: (_metrics(4, r, bonus=1.0), _update(4)), "extra ['bonus']"),
     "a missing metric": (lambda r: (_metrics(4, r, steps=None), _update(4)), "missing ['steps']"),
-    "no train-loss": (lambda r: (_metrics(4, r, **{"train-loss": None}), _update(4)), "missing ['train-loss']"),
+    "a train-loss under DP": (lambda r: (_metrics(4, r, **{"train-loss": 2.0}), _update(4)), "extra ['train-loss']"),
+    "a sample size under DP": (lambda r: (_metrics(4, r, **{"users-sampled": 9.0}), _update(4)),
+                               "extra ['users-sampled']"),
     "two metric records": (lambda r: ([_metrics(4, r), _metrics(4, r)], _update(4)), "2 metric records"),
     "silo NaN": (lambda r: (_metrics(4, r, silo=math.nan), _update(4)), "silo = nan"),
     "silo inf": (lambda r: (_metrics(4, r, silo=math.inf), _update(4)), "silo = inf"),
@@ -120,8 +127,7 @@ HOSTILE = {
     "a too long update": (lambda r: (_metrics(4, r), {"b": np.full(6, 10.0, np.float32)}), "exceeds max-update-norm"),
     "the frozen arrays too": (lambda r: (_metrics(4, r), {**GLOBAL, **_update(4)}), "extra ['a']"),
     "float64 arrays": (lambda r: (_metrics(4, r), {"b": _update(4)["b"].astype(np.float64)}), "float64"),
-    "a refusal with arrays": (lambda r: (_metrics(4, r, status=1.0, **{"train-loss": None, "users-sampled": None}),
-                                         _update(4)), "carries arrays"),
+    "a refusal with arrays": (lambda r: (_metrics(4, r, status=1.0), _update(4)), "carries arrays"),
     "a crashed ClientApp": (lambda r: Error(code=0, reason="boom"), "the ClientApp failed: boom"),
 }
 
@@ -140,7 +146,7 @@ def test_a_bad_reply_is_dropped_the_round_goes_on_and_the_reason_is_recorded(tmp
     assert fed.run.ledger[str(NODES[4])]["round"] == 1  # nothing it said reached the ledger
     row = fed.evaluate(2)
     assert (row["silos-trained"], row["silos-replied"], row["silos-rejected"]) == (4, 5, 1)
-    assert row["train-loss"] == pytest.approx(2.5)  # mean of silos 0..3's losses (1, 2, 3, 4)
+    assert math.isnan(row["train-loss"])  # under DP no silo tells its loss
 
 
 def test_a_count_above_the_first_one_is_capped(tmp_path):
@@ -190,7 +196,7 @@ def test_refusals_are_recorded_not_averaged_and_keep_the_silos_last_spend(tmp_pa
     fed = Federation(tmp_path)
     fed.train(1)
     spent = _metrics(3, 2, status=float(STATUS_BUDGET_EXHAUSTED), steps=0.0, epsilon=0.5,
-                     **{"train-loss": None, "users-sampled": None, "rounds-trained": 1.0})
+                     **{"rounds-trained": 1.0})
     lost = {"status": float(STATUS_LEDGER_ERROR), "silo": 4.0, "steps": 0.0}
     new = fed.train(2, bad={3: (spent, None), 4: (lost, None)})
     for name, value in _clean([0, 1, 2]).items():
@@ -216,6 +222,18 @@ def test_evaluation_drops_an_out_of_range_auc_and_weighs_by_the_capped_count(tmp
     rejected = [r for r in fed.privacy_rows() if "rejected" in r]
     assert [(r["task"], r["node-id"]) for r in rejected] == [("evaluate", str(NODES[4]))]
     assert "auc = 999 is not a number in [0, 1]" in rejected[0]["rejected"]
+
+
+def test_a_withheld_evaluation_is_recorded_with_the_silos_reason(tmp_path):
+    """A silo with fewer than eval-min-users users sends its reason and no numbers (client/app.py):
+    recorded as withheld, the others' metrics averaged."""
+    fed = Federation(tmp_path)
+    fed.train(1)
+    why = "silo 4 evaluates 3 users, fewer than eval-min-users 10: it reports no evaluation metrics"
+    row = fed.evaluate(1, bad={4: RecordDict({"error": ConfigRecord({"message": why})})})
+    assert row["auc"] == pytest.approx(0.615)  # silos 0..3
+    rejected = [r for r in fed.privacy_rows() if "rejected" in r]
+    assert [(r["task"], r["rejected"]) for r in rejected] == [("evaluate", f"withheld: {why}")]
 
 
 def test_fewer_valid_updates_than_min_nodes_fail_the_round_after_recording_it(tmp_path):
@@ -268,8 +286,9 @@ def test_checker_accepts_every_reply_an_honest_silo_sends(tiny_bert):
     assert none is None and "lost" in why
     assert not ReplyChecker(cfg, trainable).train(7, 2, [refused], [], state).trained
     with pytest.raises(ReplyRejected, match="epsilon = inf is not finite"):  # under DP, a silo without it
-        ReplyChecker(cfg, trainable).train(7, 1, [{**metrics, **{k: 1.0 for k in ("target-epsilon", "sample-rate",
-                                                                                  "rounds-trained")}}], [arrays], state)
+        kept_private = {k: v for k, v in metrics.items() if k not in KEPT_UNDER_DP}
+        ReplyChecker(cfg, trainable).train(7, 1, [{**kept_private, **{k: 1.0 for k in (
+            "target-epsilon", "sample-rate", "rounds-trained")}}], [arrays], state)
 
 
 def test_the_strategy_and_the_engine_share_one_round_function(tmp_path):

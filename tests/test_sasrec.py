@@ -87,7 +87,7 @@ def test_fit_is_deterministic_and_leaves_the_global_rng_alone():
 
 def test_baseline_scores_the_popularity_candidate_lists_and_reports_full_catalogue_keys(monkeypatch):
     cfg = from_run_config({"synthetic-users": 40, "synthetic-items": 300, "eval-negatives": 9,
-                           "eval-max-users": 6, "device": "cpu"})
+                           "eval-max-users": 6, "eval-min-users": 5, "device": "cpu"})
     small = SASRecConfig(hidden=16, max_len=10, epochs=2, batch_size=32)
     got = baselines.sasrec(cfg, 2, sas=small)
     assert set(got) >= set(baselines.FULL_METRICS) | {"auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10"}

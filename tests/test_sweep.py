@@ -24,6 +24,7 @@ max-history = 4
 train-negatives = 3
 eval-negatives = 9
 eval-max-users = 5
+eval-min-users = 5
 batch-users = 8
 lora-r = 4
 max-tokens = 16
@@ -156,6 +157,7 @@ def test_the_ablation_trains_through_the_engine_and_reports_round_zero(tiny_bert
     lines, zero = [], {}
     metrics, train_s, eval_s = fedavg(tiny_config(tiny_bert), 2, log=lines.append, zero_shot=zero)
     assert set(METRICS) <= set(metrics) and set(METRICS) <= set(zero)
-    assert all(0.0 <= metrics[m] <= 1.0 for m in METRICS) and metrics["train-loss"] > 0
+    assert all(0.0 <= metrics[m] <= 1.0 for m in METRICS)
+    assert metrics["train-loss"] != metrics["train-loss"]  # NaN: under DP a silo keeps its loss to itself
     assert train_s > 0 and eval_s > 0 and zero["eval-seconds"] > 0
     assert [line.split(":")[0].strip() for line in lines] == ["round 1", "round 2"]

@@ -34,9 +34,9 @@ import torch
 
 from uirl.config import Config, SiloConfig
 from uirl.data.silo import Silo, load_silo
-from uirl.engine import FederatedResult, accounting, weighted_metrics
+from uirl.engine import FederatedResult, accounting, reported_metrics, weighted_metrics
 from uirl.errors import DataError
-from uirl.federated import cache_catalogue, hash_seed, local_evaluate, local_train
+from uirl.federated import cache_catalogue, hash_seed, local_train
 from uirl.metrics import FULL_KS, full_catalogue_metrics, mean_metrics, ranking_metrics
 from uirl.model import TextBank
 from uirl.model.build import build_model
@@ -198,7 +198,7 @@ def local_only(cfg: Config, num_silos: int, *, on_round: RoundHook | None = None
     initial = {n: t.cpu().numpy().copy() for n, t in model.adapter_state().items()}
     states = {k: dict(initial) for k in range(num_silos)}
     ledgers: dict[int, str | None] = {k: None for k in range(num_silos)}
-    rows = [{"round": 0, **weighted_metrics([local_evaluate(cfg, s, initial) for s in silos])}]
+    rows = [{"round": 0, **weighted_metrics(reported_metrics(cfg, silos, initial, None))}]
     if on_round:
         on_round(rows[-1])
     for r in range(1, cfg.federation.num_rounds + 1):
@@ -208,7 +208,7 @@ def local_only(cfg: Config, num_silos: int, *, on_round: RoundHook | None = None
             if arrays is not None:
                 states[k].update(arrays)
             eps[f"epsilon/silo-{k}"] = metrics["epsilon"]
-        evaluated = [local_evaluate(cfg, s, states[k]) for k, s in enumerate(silos)]
+        evaluated = [m for k, s in enumerate(silos) for m in reported_metrics(cfg, [s], states[k], None)]
         rows.append({"round": r, "epsilon": max(eps.values()), **eps, **weighted_metrics(evaluated)})
         if on_round:
             on_round(rows[-1])

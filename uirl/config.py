@@ -175,6 +175,9 @@ class DataConfig:
     train_negatives: int = _key("train-negatives", 4, "negatives per training example (items the user never touched)")
     eval_negatives: int = _key("eval-negatives", 19, "negatives per validation/test candidate list (fixed by `seed`)")
     eval_max_users: int = _key("eval-max-users", 0, "evaluate at most this many users per silo (0: all)")
+    eval_min_users: int = _key(
+        "eval-min-users", 10, "a silo reports evaluation metrics only when it evaluated at least this many users "
+        "(the metrics are not DP: one user moves an average by at most 1/n)")
     full_catalogue: bool = _key(
         "full-catalogue", True,
         "also rank each test target against every catalogue item the user has not touched (`full/recall@10/20`, "
@@ -196,6 +199,10 @@ class DataConfig:
         _check(self.train_negatives >= 1, "train-negatives", self.train_negatives, "an integer >= 1")
         _check(self.eval_negatives >= 1, "eval-negatives", self.eval_negatives, "an integer >= 1")
         _check(self.eval_max_users >= 0, "eval-max-users", self.eval_max_users, "an integer >= 0")
+        _check(self.eval_min_users >= 1, "eval-min-users", self.eval_min_users, "an integer >= 1")
+        _check(self.eval_max_users == 0 or self.eval_max_users >= self.eval_min_users, "eval-max-users",
+               self.eval_max_users, f"0 or at least eval-min-users ({self.eval_min_users}): a silo evaluating fewer "
+               "users reports no metrics")
         _check(0 <= self.holdout_users < 1, "holdout-users", self.holdout_users, "a number in [0, 1)")
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from uirl.config import Config, SiloConfig
 from uirl.errors import UirlError
-from uirl.federated import hash_seed, local_evaluate, local_release, local_train, released_update
+from uirl.federated import EvaluationWithheld, hash_seed, local_evaluate, local_release, local_train, released_update
 from uirl.privacy.popularity import prior_from_counts
 from uirl.model import InterestModel
 from uirl.model.build import build_model
@@ -51,6 +51,8 @@ class FederatedResult:
 def weighted_metrics(per_silo: list[dict[str, float]], keys: Sequence[str] = _RANKING) -> dict[str, float]:
     """Silo metrics averaged with ``num-examples`` weights (as FedAvg aggregates evaluation); only
     ``keys`` (default: the sampled-candidate ranking metrics) that the first silo has."""
+    if not per_silo:
+        return {}
     total = sum(m["num-examples"] for m in per_silo)
     return {k: sum(m[k] * m["num-examples"] for m in per_silo) / total for k in keys
             if all(k in m for m in per_silo)}
@@ -104,6 +106,18 @@ def popularity_prior(released: list[np.ndarray], noise: list[float] | None = Non
     return prior_from_counts(np.sum(released, axis=0), noise_std)
 
 
+def reported_metrics(cfg: Config, silos: list[SiloConfig], state: dict[str, np.ndarray], prior: np.ndarray | None
+              ) -> list[dict[str, float]]:
+    """The evaluation metrics of the silos that report them (see :class:`~uirl.federated.EvaluationWithheld`)."""
+    out = []
+    for silo in silos:
+        try:
+            out.append(local_evaluate(cfg, silo, state, prior=prior))
+        except EvaluationWithheld:
+            pass
+    return out
+
+
 def run_federated(cfg: Config, num_silos: int, *, on_round: Callable[[dict[str, Any]], None] | None = None,
                   round0: bool = True) -> FederatedResult:
     """``cfg.federation.num_rounds`` rounds over ``num_silos`` simulated silos; ``on_round`` gets
@@ -130,8 +144,7 @@ def run_federated(cfg: Config, num_silos: int, *, on_round: Callable[[dict[str, 
         every = cfg.federation.eval_every
         if server_round in (0, cfg.federation.num_rounds) or server_round % every == 0:
             started = time.perf_counter()
-            metrics = weighted_metrics([local_evaluate(cfg, s, downlink(state, trainable), prior=prior)
-                                        for s in silos])
+            metrics = weighted_metrics(reported_metrics(cfg, silos, downlink(state, trainable), prior))
             metrics["eval-seconds"] = time.perf_counter() - started
         row = {"round": server_round, **extra, **metrics}
         rows.append(row)

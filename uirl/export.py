@@ -17,6 +17,7 @@ from typing import Any
 
 from uirl.atomic import atomic_dir
 from uirl.errors import DataError, UirlError
+from uirl.privacy.guarantee import guarantee_text, released_text
 from uirl.rundir import PRIOR_FILE, read_json_object, read_jsonl, read_ledger
 from uirl.tensor_files import check_tensor_file
 
@@ -24,48 +25,6 @@ FILES = ("adapter_config.json", "adapter_model.safetensors", "interest_head.safe
 #: Files a model has only with some settings: the popularity prior with ``popularity-prior``.
 OPTIONAL_FILES = (PRIOR_FILE,)
 _METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10")
-
-
-_USER_LEVEL = (
-    "**User-level (epsilon, delta)-differential privacy per silo.** Each silo trained with DP-SGD over "
-    "its own users (Poisson sampling of users, per-user gradient clipping to `clip-norm`, Gaussian noise) "
-    "and accounted every step of every round. For each silo, everything it released -- and hence this "
-    "adapter -- is (epsilon, delta)-DP with respect to adding or removing one of its users together with "
-    "all of that user's events, with the silo's epsilon and delta in the table below. The server and "
-    "everyone who obtains this adapter are covered by that guarantee.")
-
-
-def _central(cfg: dict[str, Any], rounds: int) -> str:
-    """The client-level guarantee of a ``central-dp = "fixed"`` run after ``rounds`` rounds."""
-    from uirl.config import from_run_config
-    from uirl.engine import central_noise
-    from uirl.privacy.central import central_epsilon
-
-    config = from_run_config(cfg)
-    fed = config.federation
-    sigma = central_noise(config)
-    eps = central_epsilon(noise_multiplier=sigma, sample_rate=fed.fraction_train, rounds=rounds,
-                          delta=config.privacy.target_delta)
-    return ("**Client-level (epsilon, delta)-differential privacy (central DP, `central-dp = \"fixed\"`).** "
-            f"The server clipped each silo's update to L2 norm {fed.central_clip:g} and added Gaussian noise "
-            f"(noise multiplier {sigma:.4g}) to their mean every round: after {rounds} rounds this adapter is "
-            f"(epsilon = {eps:.4f}, delta = {config.privacy.target_delta:g})-DP with respect to adding or "
-            "removing one whole silo (all of its users), by the RDP accountant with sample rate "
-            f"`fraction-train` = {fed.fraction_train:g} (the amplification assumes every silo trains every "
-            "round or Poisson sampling of silos). The silos must trust the server to add the noise: the "
-            "server itself sees each silo's update in the clear.")
-
-
-def _guarantee(cfg: dict[str, Any], rounds: int) -> str:
-    parts = []
-    if cfg.get("dp", True):
-        parts.append(_USER_LEVEL)
-    if cfg.get("central-dp", "") == "fixed":
-        parts.append(_central(cfg, rounds))
-    if not parts:
-        return ("**None.** This run trained without differential privacy (`dp = false`, no `central-dp`): the "
-                "adapter may memorise individual users' behaviour. Do not publish it outside the silos.")
-    return "\n\n".join(parts)
 
 
 def model_card(run_dir: Path, meta: dict[str, Any]) -> str:
@@ -102,7 +61,7 @@ def model_card(run_dir: Path, meta: dict[str, Any]) -> str:
            if cfg.get("dataset") == "synthetic" else ""),
         f"- silos: {len(ledger) or '?'}; per user: last positive = test target, history of up to "
         f"{cfg.get('max-history')} earlier events; {cfg.get('eval-negatives')} sampled negatives per test target",
-        "", "## Privacy", "", _guarantee(cfg, trained), "",
+        "", "## Privacy", "", guarantee_text(cfg, trained), "",
     ]
     if cfg.get("dp", True):
         lines += ["| silo | epsilon | delta | target epsilon | noise multiplier | sample rate | rounds trained |",
@@ -114,6 +73,7 @@ def model_card(run_dir: Path, meta: dict[str, Any]) -> str:
                      f"{e.get('noise-multiplier', 0):.4f} | {e.get('sample-rate', 0):.4f} | "
                      f"{int(e.get('rounds-trained') or 0)} |" if isinstance(eps, (int, float)) else
                      f"| {silo} | - | - | - | - | - | - |")
+    lines += ["", "## What each silo sent the server", "", released_text(cfg)]
     lines += ["", "## Training", "",
               f"- {trained} federated rounds, strategy `{cfg.get('strategy')}`, local epochs {cfg.get('local-epochs')}, "
               f"lr {cfg.get('lr')}, {cfg.get('batch-users')} users per step (expected)",

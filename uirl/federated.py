@@ -69,12 +69,17 @@ RELEASE_METRICS = frozenset({"num-examples", "silo", "status", "epsilon", "delta
                              "noise-multiplier", "sample-rate", "rounds-trained", "release-noise"})
 #: What only a silo under DP reports: its accountant's state.
 DP_METRICS = frozenset({"target-epsilon", "sample-rate", "rounds-trained"})
+#: What a silo under DP keeps to itself: the round's training loss and the size of its Poisson
+#: sample are functions of its users' data and of the secret sampling, which the DP guarantee does
+#: not cover, so they never leave it (the silo's own console shows them, see :class:`StepProgress`).
+#: Without DP nothing is private and a silo reports them.
+KEPT_UNDER_DP = frozenset({"train-loss", "users-sampled"})
 #: The full-catalogue evaluation metrics (absent when ``full-catalogue`` is off, or a target is unknown).
 FULL_METRICS = frozenset(k for k in EVAL_METRICS if k.startswith("full/"))
 
-#: The metric keys of an honest training reply under DP, by ``status`` (without DP a silo has no
-#: accountant: the same less :data:`DP_METRICS`). The server accepts a reply only if its keys are
-#: exactly the set for the status it claims (:mod:`uirl.replies`).
+#: The metric keys of an honest training reply, by ``status``, less :data:`KEPT_UNDER_DP` under DP
+#: (without DP a silo has no accountant: less :data:`DP_METRICS`). The server accepts a reply only if
+#: its keys are exactly the set for the status it claims (:mod:`uirl.replies`).
 TRAIN_REPLY_KEYS = {
     STATUS_OK: TRAIN_METRICS,
     STATUS_BUDGET_EXHAUSTED: TRAIN_METRICS - {"train-loss", "users-sampled"},  # nothing trained
@@ -255,12 +260,17 @@ def local_train(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.nd
     arrays = {k: v.cpu().numpy().copy() for k, v in worker.model.trainable_state().items()}
     metrics = {**base, "status": float(STATUS_OK), "train-loss": result.loss, "steps": float(result.steps),
                "users-sampled": float(result.users_sampled), "replayed": 0.0, **_privacy_metrics(ledger)}
+    if progress is not None:
+        progress.done(result.steps, result.users_sampled, result.loss)
+    if ledger is not None:
+        metrics = {k: v for k, v in metrics.items() if k not in KEPT_UNDER_DP}
     return arrays, metrics, (ledger.to_json() if ledger is not None else None)
 
 
 class StepProgress:
-    """A silo's progress within a round, as a line every ``every`` seconds of training:
-    ``uirl: silo 0 round 3: step 12/40, 1,234 users, epsilon 3.21`` (the epsilon spent so far)."""
+    """A silo's progress within a round, on its own console: a line every ``every`` seconds of
+    training (``uirl: silo 0 round 3: step 12/40, 1,234 users, epsilon 3.21``: the users sampled and
+    the epsilon spent so far), and one when the round is done, with its loss."""
 
     def __init__(self, silo: int, server_round: int, ledger: PrivacyLedger | None, *, every: float,
                  say: Callable[[str], None]) -> None:
@@ -272,8 +282,14 @@ class StepProgress:
         if now - self.last < self.every:
             return
         self.last = now
-        spent = f", epsilon {self.ledger.epsilon():.2f}" if self.ledger is not None else ""
-        self.say(f"uirl: silo {self.silo} round {self.server_round}: step {step}/{steps}, {users:,} users{spent}")
+        self.say(f"uirl: silo {self.silo} round {self.server_round}: step {step}/{steps}, {users:,} users{self._spent()}")
+
+    def done(self, steps: int, users: int, loss: float) -> None:
+        self.say(f"uirl: silo {self.silo} round {self.server_round}: trained, {steps} steps, {users:,} users, "
+                 f"loss {loss:.4f}{self._spent()}")
+
+    def _spent(self) -> str:
+        return f", epsilon {self.ledger.epsilon():.2f}" if self.ledger is not None else ""
 
 
 def released_update(cfg: Config, silo_cfg: SiloConfig, arrays: dict[str, np.ndarray] | None,
@@ -341,12 +357,24 @@ def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[st
     return arrays, metrics, new_ledger_json, None
 
 
+class EvaluationWithheld(UirlError):
+    """The silo evaluated fewer users than ``eval-min-users`` and reports no metrics."""
+
+
 def local_evaluate(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray], *,
                    prior: np.ndarray | None = None) -> dict[str, float]:
     """Ranking metrics of the global model on this silo's fixed test candidates (user averages),
-    and against the whole catalogue when ``full-catalogue`` is on."""
+    and against the whole catalogue when ``full-catalogue`` is on.
+
+    These averages are not covered by the DP guarantee; what bounds one user's effect on them is
+    their number: with fewer than ``eval-min-users`` users evaluated the silo reports nothing and
+    raises :class:`EvaluationWithheld` (each user then moves a reported average by at most
+    1 / ``eval-min-users``)."""
     worker, silo = _worker(cfg, silo_cfg)
     _load_global(worker, silo, global_state, prior)
+    if len(silo.eval_users) < cfg.data.eval_min_users:
+        raise EvaluationWithheld(f"silo {silo.silo_id} evaluates {len(silo.eval_users)} users, fewer than "
+                                 f"eval-min-users {cfg.data.eval_min_users}: it reports no evaluation metrics")
     metrics = evaluate(worker.model, worker.bank, silo.eval_users, cfg, split="test", touched=silo.touched)
     out = {k: v for k, v in metrics.items() if k in EVAL_METRICS}
     return {**out, "num-examples": metrics["num-users"], "silo": float(silo.silo_id)}

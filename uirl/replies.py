@@ -45,7 +45,7 @@ from uirl.aggregation import UpdateRejected, check_update, honest_update_norm
 from uirl.compression import PayloadError, decode_update
 from uirl.config import Config
 from uirl.errors import RunFailed
-from uirl.federated import DP_METRICS, EVAL_METRICS, FULL_METRICS, STATUS_OK, TRAIN_REPLY_KEYS
+from uirl.federated import DP_METRICS, EVAL_METRICS, FULL_METRICS, KEPT_UNDER_DP, STATUS_OK, TRAIN_REPLY_KEYS
 
 
 class ReplyRejected(UpdateRejected):
@@ -113,7 +113,7 @@ def _check_keys(values: Mapping, allowed: Sequence[frozenset], what: str) -> Non
 
 
 def _train_keys(status: float, dp: bool) -> frozenset:
-    return TRAIN_REPLY_KEYS[status] - (frozenset() if dp else DP_METRICS)
+    return TRAIN_REPLY_KEYS[status] - (KEPT_UNDER_DP if dp else DP_METRICS)
 
 
 def _eval_keys(full_catalogue: bool) -> tuple[frozenset, ...]:

@@ -159,10 +159,12 @@ def silo_epsilons(rows: Sequence[Mapping]) -> dict[str, float]:
 
 def round_summary(rows: Sequence[Mapping]) -> dict[str, float]:
     """The round's row from its per-reply rows: the user-weighted training loss of the silos that
-    trained, :func:`silo_epsilons`, and how many silos trained, replied and were rejected."""
+    trained and reported one (under DP none does: :data:`uirl.federated.KEPT_UNDER_DP`; NaN then),
+    :func:`silo_epsilons`, and how many silos trained, replied and were rejected."""
     accepted = [m for m in rows if m.get("accepted")]
-    users = sum(m["weight"] for m in accepted)
-    loss = sum(m["train-loss"] * m["weight"] for m in accepted) / users if users else math.nan
+    with_loss = [m for m in accepted if "train-loss" in m]
+    users = sum(m["weight"] for m in with_loss)
+    loss = sum(m["train-loss"] * m["weight"] for m in with_loss) / users if users else math.nan
     rejected = sum("rejected" in m for m in rows)
     return {"train-loss": loss, **silo_epsilons(rows), "silos-trained": len(accepted), "silos-replied": len(rows),
             "silos-rejected": rejected}
