@@ -12,7 +12,6 @@ on a run directory with the tiny test model. The README's test command is the on
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import shlex
 import subprocess
