@@ -67,18 +67,9 @@ def read_json_object(path: Path) -> dict[str, Any]:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The rows of a JSON-lines file of the run directory (``metrics.jsonl``, ``privacy.jsonl``),
     blank lines skipped; a line that is not a JSON object is a DataError naming the file and line."""
-    rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"not valid JSON ({exc.msg})", file=str(path), line=number) from None
-        if not isinstance(row, dict):
-            raise DataError(f"expected a JSON object, found a {type(row).__name__}", file=str(path), line=number)
-        rows.append(row)
-    return rows
+    from uirl.data.formats.common import json_records
+
+    return [row for _, row in json_records(Path(path))]
 
 
 def read_ledger(path: Path) -> dict[str, dict[str, Any]]:

@@ -111,7 +111,7 @@ def json_records(path: Path) -> Iterator[tuple[int, dict]]:
         except json.JSONDecodeError as exc:
             raise DataError(f"not valid JSON ({exc.msg})", file=str(path), line=number) from None
         if not isinstance(record, dict):
-            raise DataError("expected a JSON object", file=str(path), line=number)
+            raise DataError(f"expected a JSON object, found a {type(record).__name__}", file=str(path), line=number)
         yield number, record
 
 
