@@ -77,12 +77,12 @@ def fedavg(cfg, num_silos: int, *, log, zero_shot: dict | None = None) -> tuple[
 def flower(overrides: dict[str, object], num_silos: int, *, log) -> tuple[dict[str, float], float, float]:
     """Run one configuration with ``flwr run``; -> (metrics of the last round, wall s, 0)."""
     from simulation.flower import ConciseLog, ROOT, run
+    from uirl.launch.run_config import format_overrides
 
     name = f"ablation-{time.strftime('%Y%m%d-%H%M%S')}"
-    parts = [f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
-             for k, v in {**overrides, "run-name": name}.items()]
     t0 = time.perf_counter()
-    status, _ = run(supernodes=num_silos, run_config=" ".join(parts), cpus_per_client=1.0, log=ConciseLog())
+    status, _ = run(supernodes=num_silos, run_config=format_overrides({**overrides, "run-name": name}),
+                    cpus_per_client=1.0, log=ConciseLog())
     wall = time.perf_counter() - t0
     if status != "finished:completed":
         raise RuntimeError(f"flwr run ended with status {status}")

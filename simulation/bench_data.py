@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-ROOT = Path(__file__).resolve().parent.parent
+from simulation.bench.measure import run_child
+
 _RATINGS = np.array(["0.5", "1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0", "4.5", "5.0"])
 _RATING_P = np.array([0.016, 0.032, 0.016, 0.066, 0.05, 0.196, 0.132, 0.266, 0.085, 0.141])
 _GENRES = ("Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
@@ -64,15 +64,10 @@ def write_ml25m(root: Path, *, events: int, users: int, movies: int, seed: int =
 
 def _measure(args: list[str]) -> tuple[float, float, str]:
     """(seconds, peak RSS in MiB, stdout) of one child process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    began = time.perf_counter()
-    child = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    out = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - began
-    if os.waitstatus_to_exitcode(status) != 0:
+    child = run_child(args, env={"OMP_NUM_THREADS": "1"})
+    if child.returncode != 0:
         raise SystemExit(f"failed: {' '.join(args)}")
-    return seconds, usage.ru_maxrss / 1024, out
+    return child.seconds, child.peak_rss_mib, child.stdout
 
 
 _LOAD = """

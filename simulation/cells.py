@@ -38,12 +38,12 @@ def audit(result: FederatedResult, cfg: Config, num_silos: int) -> dict[str, flo
 def _flower_federated(cfg: Config, run_config: dict[str, Any], num_silos: int) -> tuple[list[dict], dict]:
     """A federated cell through a real ``flwr run`` (simulation.flower); rows from its run directory."""
     from simulation.flower import run
+    from uirl.launch.run_config import format_overrides
 
     with tempfile.TemporaryDirectory(prefix="uirl-sweep-") as tmp:
         overrides = {**run_config, "run-dir": tmp, "run-name": "cell", "min-nodes": num_silos}
-        text = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
-                        for k, v in overrides.items())
-        status, _ = run(supernodes=num_silos, run_config=text, cpus_per_client=1.0, log=io.StringIO())
+        status, _ = run(supernodes=num_silos, run_config=format_overrides(overrides), cpus_per_client=1.0,
+                        log=io.StringIO())
         if status != "finished:completed":
             raise UirlError(f"flwr run of a sweep cell ended with status {status}")
         run_dir = Path(tmp) / "cell"

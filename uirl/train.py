@@ -95,37 +95,15 @@ def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
     cached = cfg.model.train_mode == "cached"
     total_loss, seen = 0.0, 0
 
-    def step_on(chosen: list[UserData]) -> float:
-        """One optimizer step on the chosen users (none: DP's noise-only step); their summed loss."""
-        optimizer.zero_grad(set_to_none=True)
-        before = [p.detach().clone() for p in params]
-        loss = 0.0
-        if not chosen:
-            pug.empty()  # noise-only step: still one DP step, still accounted
-        else:
-            examples = [training_example(u, cfg, rng=example_rng, all_item_ids=all_items,
-                                         touched=touched[u.user_id]) for u in chosen]
-            batch = bank.make_batch(examples, tokens=not cached).to(device)
-            # Cached mode: the rows' vectors come from the frozen encoder's cache. They are
-            # functions of public item texts (and the user's own texts) only, so each user's loss
-            # still depends on nothing but that user's rows and the shared parameters.
-            vectors = row_vectors(model, bank, batch.row_keys).to(device) if cached else None
-            losses = pug.loss(batch, vectors) if pug is not None else model.batch_loss(batch, vectors)
-            if pug is not None:
-                pug.backward(losses, batch)
-            else:
-                (losses.sum() / expected).backward()
-            loss = float(losses.detach().sum())
-        optimizer.step()
-        _check_update(before, params)
-        return loss
-
     try:
         for step in range(steps):
             chosen = [u for u in users if sample_rng.random() < q]
             chosen = [u for u in chosen if len(u.train_items) >= 2]  # too short to make an example
             if chosen or pug is not None:  # without DP, an empty sample is no step at all
-                total_loss += step_on(chosen)
+                examples = [training_example(u, cfg, rng=example_rng, all_item_ids=all_items,
+                                             touched=touched[u.user_id]) for u in chosen]
+                total_loss += train_step(model, bank, examples, optimizer, per_user=pug, expected_users=expected,
+                                         cached=cached, device=device)
                 seen += len(chosen)
                 if ledger is not None:
                     ledger.record(1)
@@ -135,6 +113,42 @@ def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
         if pug is not None:
             pug.close()
     return RoundResult(loss=total_loss / max(seen, 1), steps=steps, users_sampled=seen)
+
+
+def train_step(model: InterestModel, bank: TextBank, examples: Sequence[Example], optimizer: torch.optim.Optimizer,
+               *, per_user: PerUserGradients | None, expected_users: float, cached: bool,
+               device: torch.device) -> float:
+    """One optimizer step on ``examples`` (one per sampled user); returns the users' summed loss.
+
+    With ``per_user`` (DP on; ``optimizer`` from :func:`~uirl.privacy.make_dp_optimizer`) each user's
+    gradient is computed on its own, then clipped and noised by the optimizer; no examples is then a
+    noise-only step. Without it, a plain step on the summed loss over ``expected_users``.
+    ``cached``: the rows' vectors come from the frozen encoder's cache (``train-mode = cached``).
+    Raises :class:`TrainingError` if the step leaves a parameter non-finite or silently unchanged."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in params]
+    loss = 0.0
+    if not examples:
+        if per_user is None:
+            raise ValueError("a plain step needs at least one example")
+        per_user.empty()  # noise-only step: still one DP step, still accounted
+    else:
+        batch = bank.make_batch(examples, tokens=not cached).to(device)
+        # Cached mode: the rows' vectors come from the frozen encoder's cache. They are functions of
+        # public item texts (and the user's own texts) only, so each user's loss still depends on
+        # nothing but that user's rows and the shared parameters.
+        vectors = row_vectors(model, bank, batch.row_keys).to(device) if cached else None
+        if per_user is not None:
+            losses = per_user.loss(batch, vectors)
+            per_user.backward(losses, batch)
+        else:
+            losses = model.batch_loss(batch, vectors)
+            (losses.sum() / expected_users).backward()
+        loss = float(losses.detach().sum())
+    optimizer.step()
+    _check_update(before, params)
+    return loss
 
 
 def training_example(user: UserData, cfg: Config, *, rng: np.random.Generator, all_item_ids: Sequence[str],

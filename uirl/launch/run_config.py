@@ -10,6 +10,7 @@ one line naming the key, and nothing is started.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -40,6 +41,16 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
             raise ConfigError("--run-config: expected a number, true/false or a quoted string",
                               field=key, value=raw) from None
     return values
+
+
+def format_overrides(values: dict[str, Any]) -> str:
+    """``{"lr": 0.01, "dataset": "/data/x", "dp": True}`` -> ``'lr=0.01 dataset="/data/x" dp=true'``: the
+    ``--run-config`` text that :func:`parse_overrides` (and Flower) reads back as ``values``."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        return json.dumps(v) if isinstance(v, str) else str(v)
+    return " ".join(f"{k}={value(v)}" for k, v in values.items())
 
 
 def app_defaults(app: Path) -> dict[str, Any]:

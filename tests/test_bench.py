@@ -1,0 +1,61 @@
+"""``python -m simulation.bench --quick``: the benchmark runs offline with the tiny model and writes
+the numbers it claims (each step's median, min and max from its own repeats, the DP/non-private
+ratio from the two medians, one process per scaling cell with its own peak memory)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_bench_writes_consistent_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "simulation.bench", "--quick", "--only", "step,scaling",
+                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text(encoding="utf-8")
+    result = json.loads(text)
+    assert "uirl-bench-" not in text  # the temporary tiny model is named, not its path
+
+    machine = result["machine"]
+    for key in ("cpu-model", "cores", "torch", "flwr", "torch-threads", "load-average-before", "load-average-after"):
+        assert machine[key] not in (None, ""), key
+    assert len(machine["load-average-before"]) == 3 and machine["flwr"].startswith("1.")
+    assert set(result["sections"]) == {"step", "scaling"}
+
+    step = result["sections"]["step"]
+    assert step["users"] == 16 and step["texts"] > step["users"]
+    for kind in ("non-private", "dp", "dp-per-text", "cached-non-private", "cached-dp"):
+        sec = step["seconds"][kind]
+        assert len(sec["all"]) == sec["n"] == step["repeats"] == 3
+        assert all(_positive(v) for v in sec["all"])
+        assert sec["min"] <= sec["median"] <= sec["max"]
+        assert math.isclose(sec["median"], statistics.median(sec["all"]), rel_tol=1e-12)
+        assert math.isclose(step["users-per-second"][kind], step["users"] / sec["median"], rel_tol=1e-9)
+    ratio = step["ratio"]["dp/non-private"]
+    assert _positive(ratio)
+    assert math.isclose(ratio, step["seconds"]["dp"]["median"] / step["seconds"]["non-private"]["median"],
+                        rel_tol=1e-9)
+    assert result["targets"][0]["measured"] == ratio and result["targets"][0]["met"] == (ratio <= 1.10)
+    assert all(t["met"] is None for t in result["targets"][1:])  # no 100-silo cell in a quick run
+
+    scaling = result["sections"]["scaling"]
+    assert [c["silos"] for c in scaling["cells"]] == [3, 10]
+    for cell in scaling["cells"]:
+        assert not cell["timed-out"] and cell["exit-code"] == 0
+        assert cell["users"] == 30 * cell["silos"] and cell["rounds-done"] == cell["rounds"] == 1
+        for key in ("wall-seconds", "engine-seconds", "round-0-seconds", "seconds-per-round", "peak-rss-mib"):
+            assert _positive(cell[key]), key
+        assert cell["engine-seconds"] < cell["wall-seconds"]
