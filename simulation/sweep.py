@@ -226,6 +226,7 @@ def _cell_child(cell: Cell, threads: int | None, queue) -> None:
 
     import torch
 
+    from simulation.bench.measure import peak_rss_mib
     from simulation.cells import run_cell
 
     if threads:
@@ -235,8 +236,9 @@ def _cell_child(cell: Cell, threads: int | None, queue) -> None:
     except UirlError as exc:
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
         return
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    queue.put(("done", {**result, "peak-rss-gb": round(peak_kib / 2**20, 2)}))
+    # Not ru_maxrss where /proc says: that includes the parent's peak (see peak_rss_mib).
+    peak = peak_rss_mib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put(("done", {**result, "peak-rss-gb": round(peak / 2**10, 2)}))
 
 
 def run_isolated(cell: Cell, on_round: Callable[[dict], None], *, threads: int | None = None) -> dict[str, Any]:

@@ -59,3 +59,17 @@ def test_quick_bench_writes_consistent_numbers(tmp_path):
         for key in ("wall-seconds", "engine-seconds", "round-0-seconds", "seconds-per-round", "peak-rss-mib"):
             assert _positive(cell[key]), key
         assert cell["engine-seconds"] < cell["wall-seconds"]
+
+
+def test_a_child_reports_its_own_peak_memory_not_its_parents():
+    """Linux hands a parent's high-water mark to its children across fork/exec (``ru_maxrss``); a
+    benchmark that starts its cells from a process holding models must still see each cell's own."""
+    from simulation.bench.measure import run_child
+
+    held = bytearray(600 * 2**20)
+    held[::4096] = b"x" * len(held[::4096])  # resident, not just reserved
+    child = run_child(["-c", "import time; x = bytearray(100 * 2**20); x[::4096] = b'x' * len(x[::4096]); "
+                             "time.sleep(0.5)"])
+    assert child.returncode == 0
+    assert 100 <= child.peak_rss_mib < 400, child.peak_rss_mib
+    del held
