@@ -8,7 +8,8 @@ Sections (all by default; ``anatomy`` is left out of ``--quick`` unless named in
   example each), ``lora`` mode, all-MiniLM-L6-v2 with the default LoRA config: non-private, the
   project's user-level DP step, and plain Opacus clipping per text row; the ``cached`` mode's
   steps on the same users. Steps take turns (interleaved repeats); median, min, max.
-- ``threads``: the same DP step and a silo's evaluation at 1 and 2 torch threads, interleaved.
+- ``threads``: the same DP and non-private steps and a silo's evaluation at 1 and 2 torch threads,
+  interleaved.
 - ``scaling``: the in-process engine with the tiny model at 3, 10, 30, 100 silos of 30 users, each
   cell in its own process: wall time, time per round, peak RSS.
 - ``anatomy``: one real ``flwr run`` of the tiny model, split into start-up, training, evaluation,
@@ -102,9 +103,10 @@ def print_tables(result: dict, console) -> None:
         t = Table(title=f"threads ({th['ratio-means']})")
         for col in ("work", *(f"{n} thread(s) s" for n in th["thread-counts"]), "ratio"):
             t.add_column(col)
-        for what in ("dp-step", "evaluation"):
+        for what in th["ratio"]:
             t.add_row(what, *(_fmt(th["seconds"][f"{what}@{n}"]["median"]) for n in th["thread-counts"]),
                       _fmt(th["ratio"][what], 2))
+        t.add_row("dp / non-private", *(_fmt(th["dp/non-private"][str(n)], 2) for n in th["thread-counts"]), "")
         console.print(t)
     if "scaling" in s:
         sc = s["scaling"]

@@ -161,25 +161,26 @@ def _at(threads: int, call: Callable[[], object]) -> Callable[[], object]:
 
 def threads_section(lora: Config, cached: Config, *, users: int, repeats: int,
                     counts: Sequence[int] = (1, 2)) -> dict:
-    """The ``lora`` DP step and silo 0's evaluation (``cached`` mode, the default: what every round
-    of a default run evaluates) at each torch thread count, interleaved."""
+    """The ``lora`` DP and non-private steps and silo 0's evaluation (``cached`` mode, the default:
+    what every round of a default run evaluates) at each torch thread count, interleaved."""
     default = torch.get_num_threads()
-    step = make_step(lora, users=users, kind="dp")
+    steps = {"dp-step": make_step(lora, users=users, kind="dp"),
+             "non-private-step": make_step(lora, users=users, kind="non-private")}
     evaluation, evaluated = make_evaluation(cached)
-    calls = {}
-    for n in counts:
-        calls[f"dp-step@{n}"] = _at(n, step.take)
-        calls[f"evaluation@{n}"] = _at(n, evaluation)
+    work = {**{name: step.take for name, step in steps.items()}, "evaluation": evaluation}
+    calls = {f"{name}@{n}": _at(n, call) for n in counts for name, call in work.items()}
     try:
         times = interleaved(calls, repeats=repeats)
     finally:
-        step.close()
+        for step in steps.values():
+            step.close()
         torch.set_num_threads(default)
     med = {name: statistics.median(t) for name, t in times.items()}
     low, high = min(counts), max(counts)
     return {"thread-counts": list(counts), "torch-default-threads": default, "repeats": repeats,
-            "dp-step-users": step.users, "dp-step-texts": step.texts, "evaluated-users": evaluated,
+            "step-users": steps["dp-step"].users, "step-texts": steps["dp-step"].texts, "evaluated-users": evaluated,
             "evaluation-train-mode": cached.model.train_mode,
             "seconds": {name: spread(t) for name, t in times.items()},
-            "ratio": {what: med[f"{what}@{low}"] / med[f"{what}@{high}"] for what in ("dp-step", "evaluation")},
-            "ratio-means": f"median seconds at {low} thread(s) / at {high} threads (above 1: {high} threads faster)"}
+            "ratio": {name: med[f"{name}@{low}"] / med[f"{name}@{high}"] for name in work},
+            "ratio-means": f"median seconds at {low} thread(s) / at {high} threads (above 1: {high} threads faster)",
+            "dp/non-private": {str(n): med[f"dp-step@{n}"] / med[f"non-private-step@{n}"] for n in counts}}
