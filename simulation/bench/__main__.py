@@ -14,7 +14,8 @@ Sections (all by default; ``anatomy`` is left out of ``--quick`` unless named in
   cell in its own process: wall time, time per round, peak RSS.
 - ``anatomy``: one real ``flwr run`` of the tiny model, split into start-up, training, evaluation,
   checkpoints and shut-down, with the peak memory of all its processes.
-- ``bytes``: a silo's reply and the server's message, next to the encoder's bytes, per train mode.
+- ``bytes``: a silo's reply (each ``compression`` mode) and the server's message, next to the
+  encoder's bytes, per train mode (:func:`uirl.wire.wire_bytes`).
 
 ``--quick`` uses the tiny random encoder everywhere, fewer users and repeats, 3 and 10 silos and one
 round: a smoke test of the machinery (tests/test_bench.py), not numbers to quote. The JSON records
@@ -133,12 +134,13 @@ def print_tables(result: dict, console) -> None:
                       f"{mem['peak-pss-sum-mib']:,} / {mem['peak-rss-sum-mib']:,}")
         console.print(t)
     if "bytes" in s:
-        t = Table(title="bytes per message (raw arrays)")
-        for col in ("mode", "reply", "downlink", "encoder", "reply / encoder"):
+        t = Table(title="bytes per silo and round (array values)")
+        for col in ("mode", "downlink", "reply", "reply fp16", "reply int8", "encoder", "reply / encoder"):
             t.add_column(col, justify="right" if col != "mode" else "left")
         for mode, b in s["bytes"]["modes"].items():
-            t.add_row(mode, _fmt(b["reply-bytes"]), _fmt(b["downlink-bytes"]), _fmt(b["encoder-bytes"]),
-                      f"{100 * b['reply/encoder']:.2f} %")
+            t.add_row(mode, _fmt(b["downlink-bytes"]), _fmt(b["reply-bytes-none"]), _fmt(b["reply-bytes-fp16"]),
+                      _fmt(b["reply-bytes-int8"]), _fmt(b["encoder-bytes"]),
+                      f"{100 * b['reply-fraction-none']:.2f} %")
         console.print(t)
     for tg in result["targets"]:
         met = {True: "[green]met[/green]", False: "[red]not met[/red]", None: "not measured"}[tg["met"]]
@@ -211,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "anatomy":
                 from simulation.bench.anatomy import anatomy_section
                 sections[name] = anatomy_section(tiny, silos=3, rounds=3, users_per_silo=30, work=work, log=log)
-            elif name == "bytes":
-                from simulation.bench.traffic import bytes_section
-                sections[name] = bytes_section({"lora": lora, "cached": cached})
+            elif name == "bytes":  # the project's own count (uirl.wire), for both train modes
+                from uirl.wire import wire_bytes
+                sections[name] = {"counted-as": "array values, without the per-array framing of Flower's messages",
+                                  "modes": {"lora": wire_bytes(lora), "cached": wire_bytes(cached)}}
             sections[name]["section-seconds"] = round(time.perf_counter() - start, 1)
         measured_on = machine()
         measured_on["load-average-before"] = load_before
