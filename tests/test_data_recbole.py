@@ -69,7 +69,7 @@ def test_schema_fixed_candidate_lists_are_used_verbatim_and_a_silo_evaluates_on_
     silo = load_silo(DataConfig(dataset=str(out), partitioning="iid"), SiloConfig(partition_id=0, num_partitions=1),
                      seed=0)
     assert {u.user_id: list(u.test_candidates) for u in silo.eval_users} == {"u1": TEST_U1, "u2": TEST_U2}
-    cfg = tiny_config(tiny_bert, **{"dataset": str(out), "partitioning": "iid"})
+    cfg = tiny_config(tiny_bert, **{"dataset": str(out), "partitioning": "iid", "eval-min-users": 1})  # 2 users
     one = SiloConfig(partition_id=0, num_partitions=1)
     assert [list(u.test_candidates) for u in _worker(cfg, one)[1].eval_users] == [TEST_U1, TEST_U2]
     model, _ = build_model(cfg)

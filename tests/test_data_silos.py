@@ -112,7 +112,7 @@ def test_mind_candidate_lists_of_different_lengths_are_scored_per_user(tmp_path,
     with open(src / "behaviors.tsv", "a", encoding="utf-8") as f:
         f.write("4\tU55555\t11/14/2019 7:00:00 AM\tN55528 N19639 N61837 N53526\tN2073-1 N49186-0\n")
     convert("mind", src, tmp_path / "mind", ConvertOptions(negatives=2))
-    cfg = tiny_config(tiny_bert, **{"dataset": str(tmp_path / "mind"), "partitioning": "iid"})
+    cfg = tiny_config(tiny_bert, **{"dataset": str(tmp_path / "mind"), "partitioning": "iid", "eval-min-users": 1})
     silo = SiloConfig(partition_id=0, num_partitions=1)
     users = {u.user_id: u for u in load_silo(cfg.data, silo, seed=0).users}
     assert len(users["U13740"].test_candidates) == 3 and len(users["U55555"].test_candidates) == 2
