@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=None, help="users per step (default 32; quick 16)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per step (default 7; quick 3)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for step, scaling and anatomy (default: torch's own choice)")
+                        help="torch threads for the step section and the scaling cells (default: torch's own choice)")
     parser.add_argument("--silos", default=None, help="silo counts for scaling (default 3,10,30,100; quick 3,10)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per scaling cell (default 5; quick 1)")
     parser.add_argument("--cell-timeout", type=float, default=600.0, help="seconds before a scaling cell is stopped")

@@ -63,8 +63,8 @@ def scaling_section(base: dict, *, silos: Sequence[int], users_per_silo: int, ro
     cells = [cell(base, silos=n, users_per_silo=users_per_silo, rounds=rounds, timeout=timeout, threads=threads,
                   log=log) for n in sorted(silos)]
     return {"model": base.get("model-name"), "users-per-silo": users_per_silo, "rounds": rounds,
-            "timeout-seconds": timeout, "torch-threads": threads or "torch default", "engine": "uirl.engine.run_federated",
-            "cells": cells}
+            "timeout-seconds": timeout, "torch-threads": threads or "torch default",
+            "engine": "uirl.engine.run_federated", "cells": cells}
 
 
 def main(argv: list[str] | None = None) -> int:
