@@ -37,9 +37,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from uirl.config import Config
-from uirl.engine import central_noise, weighted_metrics
+from uirl.engine import weighted_metrics
 from uirl.federated import EVAL_METRICS, PRIOR_ARRAY
-from uirl.privacy.central import central_epsilon
+from uirl.privacy.central import central_epsilon, central_noise
 from uirl.replies import ReplyChecker, ReplyRejected
 from uirl.rounds import MAX_TEXT, RoundResult, SiloReply, conclude_round, rejected_row, train_round
 from uirl.wire import downlink
@@ -123,8 +123,7 @@ class ValidatingFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         result = train_round(self.cfg, self.checker, self._global, server_round, [silo_reply(m) for m in replies],
-                             asked=self._asked, central_noise=central_noise(self.cfg) if self.cfg.federation.central_dp
-                             else 0.0, warn=log_warning)
+                             asked=self._asked, warn=log_warning)
         self.conclude_round(result)
         merged = {name: Array(value) for name, value in self._global.items()}
         merged.update({name: Array(value) for name, value in (result.new or {}).items()})
@@ -140,9 +139,10 @@ class ValidatingFedAvg(FedAvg):
         rows, kept = [], []
         for msg in replies:
             node = msg.metadata.src_node_id
-            if not msg.has_error() and not msg.content.metric_records and refusal(msg.content):
-                rows.append(rejected_row(self.checker, server_round, node, "evaluate",
-                                         f"withheld: {refusal(msg.content)}", log_warning))
+            withheld = "" if msg.has_error() or msg.content.metric_records else refusal(msg.content)
+            if withheld:
+                rows.append(rejected_row(self.checker, server_round, node, "evaluate", f"withheld: {withheld}",
+                                         log_warning))
                 continue
             try:
                 reply = self.checker.evaluate(node, _records(msg)[0])

@@ -29,7 +29,7 @@ from uirl.model import InterestModel
 from uirl.model.build import build_model
 from uirl.model.encoder import Encoder
 from uirl.privacy import PrivacyLedger
-from uirl.privacy.central import central_epsilon, plan_central_noise
+from uirl.privacy.central import central_epsilon, central_noise
 from uirl.replies import ReplyChecker
 from uirl.rounds import SiloReply, conclude_round, round_summary, train_round
 from uirl.wire import downlink
@@ -56,14 +56,6 @@ def weighted_metrics(per_silo: list[dict[str, float]], keys: Sequence[str] = _RA
     total = sum(m["num-examples"] for m in per_silo)
     return {k: sum(m[k] * m["num-examples"] for m in per_silo) / total for k in keys
             if all(k in m for m in per_silo)}
-
-
-def central_noise(cfg: Config) -> float:
-    fed = cfg.federation
-    if fed.central_noise is not None:
-        return fed.central_noise
-    return plan_central_noise(target_epsilon=cfg.privacy.target_epsilon, delta=cfg.privacy.target_delta,
-                              sample_rate=fed.fraction_train, rounds=fed.num_rounds)
 
 
 def accounting(cfg: Config, ledgers: dict[int, str | None], rounds_done: int) -> dict[str, Any]:
@@ -154,7 +146,6 @@ def run_federated(cfg: Config, num_silos: int, *, on_round: Callable[[dict[str, 
     rows: list[dict[str, Any]] = []
     if round0:
         evaluate(0, {"epsilon": accounting(cfg, ledgers, 0)["epsilon"]} if prior is not None else {})
-    noise = central_noise(cfg) if cfg.federation.central_dp else 0.0
     for server_round in range(1, cfg.federation.num_rounds + 1):
         started = time.perf_counter()
         sampled = _sample_silos(cfg, num_silos, rng)
@@ -167,7 +158,7 @@ def run_federated(cfg: Config, num_silos: int, *, on_round: Callable[[dict[str, 
             replies.append(SiloReply(k, [metrics], [] if payload is None else [payload]))
         result = train_round(cfg, checker, state, server_round, replies, asked=len(sampled),
                              expected_silos=cfg.federation.fraction_train * num_silos if cfg.federation.central_dp
-                             else None, central_noise=noise)
+                             else None)
         state.update(result.new or {})
         summary = round_summary(result.rows)
         if cfg.federation.central_dp:

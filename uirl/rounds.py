@@ -30,7 +30,7 @@ import numpy as np
 from uirl.aggregation import UpdateRejected, check_update, combine_checked
 from uirl.config import Config
 from uirl.federated import STATUS_MEANING
-from uirl.privacy.central import central_dp_aggregate
+from uirl.privacy.central import central_dp_aggregate, central_noise
 from uirl.replies import ReplyChecker, TrainReply, check_round
 
 #: The longest text kept from a reply (a refusal's reason, a reading error): it reaches logs and rows.
@@ -113,19 +113,19 @@ def check_replies(checker: ReplyChecker, server_round: int, replies: Sequence[Si
 
 
 def combine_round(cfg: Config, current: dict[str, np.ndarray], kept: list[TrainReply], *, expected_silos: float,
-                  central_noise: float, server_round: int, warn: Warn = _quiet
+                  server_round: int, warn: Warn = _quiet
                   ) -> tuple[dict[str, np.ndarray] | None, str]:
     """The new trainable arrays from the kept updates (``current``: the trainable part of the
     global model), or (None, why) if there is nothing to combine or the result is not sane.
     ``expected_silos`` normalises the central-DP sum (the silos asked, or the expected number under
-    Poisson sampling); ``central_noise`` is its noise multiplier."""
+    Poisson sampling); its noise multiplier is :func:`~uirl.privacy.central.central_noise`."""
     fed = cfg.federation
     if not kept and not fed.central_dp:  # central DP adds its noise even to an empty Poisson sample
         return None, ""
     updates = [reply.update for reply in kept]
     try:
         if fed.central_dp:  # the noise is as long as it must be: check only that it stayed finite
-            new = central_dp_aggregate(current, updates, clip=fed.central_clip, noise_multiplier=central_noise,
+            new = central_dp_aggregate(current, updates, clip=fed.central_clip, noise_multiplier=central_noise(cfg),
                                        expected_silos=max(expected_silos, 1e-12), rng=np.random.default_rng())
             check_update(new, current, set(current), np.inf)
         else:
@@ -139,13 +139,13 @@ def combine_round(cfg: Config, current: dict[str, np.ndarray], kept: list[TrainR
 
 def train_round(cfg: Config, checker: ReplyChecker, global_state: dict[str, np.ndarray], server_round: int,
                 replies: Sequence[SiloReply], *, asked: int, expected_silos: float | None = None,
-                central_noise: float = 0.0, warn: Warn = _quiet) -> RoundResult:
+                warn: Warn = _quiet) -> RoundResult:
     """Check the round's replies against the global arrays the silos were sent and combine the
     valid updates. Does not raise for a degraded round: see :func:`conclude_round`."""
     rows, kept = check_replies(checker, server_round, replies, global_state, warn)
     current = {name: global_state[name] for name in checker.trainable}
     new, why = combine_round(cfg, current, kept, expected_silos=asked if expected_silos is None else expected_silos,
-                             central_noise=central_noise, server_round=server_round, warn=warn)
+                             server_round=server_round, warn=warn)
     return RoundResult(server_round=server_round, rows=rows, kept=kept, new=new, why=why, asked=asked)
 
 

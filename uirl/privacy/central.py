@@ -12,11 +12,15 @@ noise. Each silo takes part in a round with probability ``q`` (Poisson), so the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from opacus.accountants import RDPAccountant
 
 from uirl.privacy.accountant import RDP_ORDERS, plan_noise_multiplier
+
+if TYPE_CHECKING:
+    from uirl.config import Config
 
 
 def clip_update(update: dict[str, np.ndarray], current: dict[str, np.ndarray], clip: float
@@ -63,3 +67,13 @@ def plan_central_noise(*, target_epsilon: float, delta: float, sample_rate: floa
     """Smallest noise multiplier that keeps ``rounds`` rounds within (target_epsilon, delta)."""
     return plan_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                  steps=rounds, accountant="rdp")
+
+
+def central_noise(cfg: "Config") -> float:
+    """The run's central-DP noise multiplier: ``central-noise``, or the smallest that keeps
+    ``num-server-rounds`` rounds at sample rate ``fraction-train`` within ``target-epsilon``."""
+    fed = cfg.federation
+    if fed.central_noise is not None:
+        return fed.central_noise
+    return plan_central_noise(target_epsilon=cfg.privacy.target_epsilon, delta=cfg.privacy.target_delta,
+                              sample_rate=fed.fraction_train, rounds=fed.num_rounds)

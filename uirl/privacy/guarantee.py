@@ -24,8 +24,7 @@ USER_LEVEL = (
 def central_text(cfg: dict[str, Any], rounds: int) -> str:
     """The client-level guarantee of a ``central-dp = "fixed"`` run after ``rounds`` rounds."""
     from uirl.config import from_run_config
-    from uirl.engine import central_noise
-    from uirl.privacy.central import central_epsilon
+    from uirl.privacy.central import central_epsilon, central_noise
 
     config = from_run_config(cfg)
     fed = config.federation
