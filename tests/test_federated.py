@@ -135,3 +135,32 @@ def test_training_raises_test_auc_above_chance_and_round_zero(tiny_bert, dp, mon
         state.update(arrays)
     after = local_evaluate(cfg, SILO, state)["auc"]
     assert after > 0.6 and after > before + 0.05, (before, after)
+
+
+def test_silos_sharing_a_process_share_one_model_and_never_each_others_training(tiny_bert, monkeypatch):
+    """A process builds one model however many silos it hosts; a silo's update is the same whether
+    or not other silos trained on that model before it (every message reloads all trainable arrays)."""
+    import uirl.federated as federated
+
+    cfg = tiny_config(tiny_bert, dp=False)
+    silos = [SiloConfig(partition_id=k, num_partitions=6) for k in range(6)]
+    state, _ = _global(cfg)
+
+    def fresh_process() -> None:
+        federated._model.cache_clear()
+        federated._CATALOGUES.clear()
+
+    fresh_process()
+    builds = []
+    build = federated.build_model
+    monkeypatch.setattr(federated, "build_model", lambda c: builds.append(c) or build(c))
+    alone, _, _ = local_train(cfg, silos[5], state, ledger_json=None, server_round=1)
+    fresh_process()
+    for silo in silos:
+        arrays, metrics, _ = local_train(cfg, silo, state, ledger_json=None, server_round=1)
+        assert metrics["status"] == STATUS_OK
+        local_evaluate(cfg, silo, state)
+    assert len(builds) == 2  # one per fresh process, not one per silo
+    assert set(arrays) == set(alone)
+    for name in alone:
+        np.testing.assert_array_equal(arrays[name], alone[name], err_msg=name)

@@ -217,6 +217,9 @@ class TrainConfig:
     seed: int = _key(
         "seed", 0, "data, split, candidates and training-example seed (never the DP noise: that comes from the OS)")
     device: str = _key("device", "auto", "`auto`, `cpu`, `cuda` or `cuda:N`")
+    torch_threads: int = _key(
+        "torch-threads", 0, "CPU threads of each process that trains or evaluates silos; 0: the process's share of "
+        "the cores (`OMP_NUM_THREADS`, which Flower's simulation sets to each silo's CPUs, else every usable core)")
     progress_every: float = _key(
         "progress-every", 15.0, "seconds between a silo's progress lines within a round (step, users, epsilon); "
         "0: every step")
@@ -224,6 +227,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", self.lr, "a number > 0")
         _check(self.progress_every >= 0, "progress-every", self.progress_every, "a number >= 0")
+        _check(self.torch_threads >= 0, "torch-threads", self.torch_threads, "an integer >= 0 (0: automatic)")
         _check(self.batch_users >= 1, "batch-users", self.batch_users, "an integer >= 1")
         _check(self.local_epochs > 0, "local-epochs", self.local_epochs, "a number > 0")
         _check(

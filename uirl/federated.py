@@ -36,6 +36,7 @@ from uirl.model.vector_cache import load_catalogue_vectors
 from uirl.privacy.dp_sgd import secure_sampling_rng
 from uirl.privacy.popularity import (gaussian_release, plan_sgd_noise_after_release, release_noise,
                                      user_normalised_counts)
+from uirl.threads import apply_threads
 from uirl.train import encode_texts, evaluate, sampling_plan, train_round
 
 STATUS_OK = 0
@@ -94,17 +95,42 @@ class _Worker:
     bank: TextBank
 
 
-@functools.lru_cache(maxsize=4)
+# Per-process caches. A process holds ONE model whatever the number of silos it hosts (an in-process
+# simulation hosts all of them, a Flower actor several): every message overwrites all of its
+# trainable arrays (:func:`_load_global`), so nothing of one silo's training reaches another's.
+# Rebuilding a model per silo was most of a many-silo round (two thirds of a 10-silo round when a
+# process kept four silos' models). Silos that read the same dataset share its catalogue (tokens
+# and, in ``cached`` mode, encoder vectors: both depend only on public item texts and the frozen
+# encoder); every message sets the prior on it afresh. Each silo's own data is cached by load_silo.
+@functools.lru_cache(maxsize=1)
+def _model(cfg: Config):
+    return build_model(cfg)
+
+
+_CATALOGUES: dict[tuple[Config, str | None], TextBank] = {}
+_MAX_CATALOGUES = 2
+
+
+def _catalogue(cfg: Config, silo_cfg: SiloConfig, silo: Silo) -> TextBank:
+    """The catalogue ``silo`` reads: the run's dataset (shared by every silo without a
+    ``data-path``) or the silo's own directory."""
+    key = (cfg, silo_cfg.data_path)
+    if key not in _CATALOGUES:
+        model, encoder = _model(cfg)
+        bank = silo_bank(silo, encoder.tokenizer, cfg)
+        if cfg.model.train_mode == "cached":
+            cache_catalogue(model, bank, cfg)  # the encoder never changes in this mode
+        while len(_CATALOGUES) >= _MAX_CATALOGUES:
+            _CATALOGUES.pop(next(iter(_CATALOGUES)))
+        _CATALOGUES[key] = bank
+    return _CATALOGUES[key]
+
+
 def _worker(cfg: Config, silo_cfg: SiloConfig) -> tuple[_Worker, Silo]:
-    # Cached per process: the frozen base is loaded once; adapters are overwritten from every
-    # message, so nothing of one node's training can leak into another node sharing the process.
-    # Room for several silos: an in-process simulation (simulation.sweep) hosts all of them.
+    apply_threads(cfg.train.torch_threads)  # every message: Flower may reuse a process across runs
     silo = load_silo(cfg.data, silo_cfg, seed=cfg.train.seed)
-    model, encoder = build_model(cfg)
-    bank = silo_bank(silo, encoder.tokenizer, cfg)
-    if cfg.model.train_mode == "cached":
-        cache_catalogue(model, bank, cfg)  # the encoder never changes in this mode
-    return _Worker(model, bank), silo
+    model, _ = _model(cfg)
+    return _Worker(model, _catalogue(cfg, silo_cfg, silo)), silo
 
 
 def cache_catalogue(model: InterestModel, bank: TextBank, cfg: Config) -> None:

@@ -121,7 +121,7 @@ def _converted_silo(data: DataConfig, silo: SiloConfig, seed: int, *, root: Path
     return _finish(silo, data, split, touched_items(events), item_text, seed, where, item_features(items))
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=256)  # an in-process simulation of many silos holds each one's data once
 def load_silo(data: DataConfig, silo: SiloConfig, *, seed: int) -> Silo:
     """Load partition ``silo.partition_id`` of ``silo.num_partitions`` (cached per process).
 
