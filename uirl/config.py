@@ -61,8 +61,8 @@ class ModelConfig:
         "users/s of `lora` on a CPU (see Training paths); `lora`: LoRA adapters trained through the encoder (for a "
         "GPU)")
     user_proj_rank: int = _key(
-        "user-proj-rank", 0,
-        "the residual user projection: 0 = full d x d, r > 0 = rank r (2rd numbers travel instead of d²)")
+        "user-proj-rank", 16,
+        "the residual user projection: r > 0 = rank r (2rd numbers travel instead of d²), 0 = full d x d")
     item_proj_rank: int = _key(
         "item-proj-rank", 0, "a residual item projection of rank r on every item vector (0 = off)")
     popularity_prior: bool = _key(
