@@ -15,9 +15,11 @@ from uirl.config import _KEYS, LEVELS, VIEWS, from_run_config, silo_from_node_co
 from uirl.errors import ConfigError
 from uirl.launch.run_config import format_overrides, parse_overrides
 
-#: Small and quick: the whole file runs in a few seconds; no example database is written.
+#: Small and quick: the whole file runs in about ten seconds on two cores; no example database is
+#: written. A whole run config (75 keys) takes longer to generate: fewer of those.
 PROPERTY = settings(max_examples=150, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
+WHOLE_CONFIGS = settings(PROPERTY, max_examples=40)
 
 #: Valid values of the string keys that take one of a few words.
 _WORDS = {"strategy": ["fedavg"], "aggregation": ["fedavg", "median", "trimmed-mean"], "central-dp": ["", "fixed"],
@@ -75,7 +77,7 @@ def valid_run_configs(draw) -> dict:
     return values
 
 
-@PROPERTY
+@WHOLE_CONFIGS
 @given(valid_run_configs())
 def test_a_valid_run_config_parses_and_round_trips(values):
     cfg = from_run_config(values)
@@ -96,7 +98,7 @@ def test_a_valid_run_config_parses_and_round_trips(values):
 _UNDECLARED = st.text(min_size=1, max_size=20).filter(lambda k: k not in _KEYS)
 
 
-@PROPERTY
+@WHOLE_CONFIGS
 @given(valid_run_configs(), _UNDECLARED, st.one_of(st.booleans(), st.integers(), st.floats(), _TEXT))
 def test_an_undeclared_key_is_refused_naming_it(values, key, value):
     with pytest.raises(ConfigError) as caught:
@@ -162,7 +164,7 @@ def test_any_run_config_text_parses_or_is_one_config_error(text):
 _WORD = st.text(string.ascii_letters + string.digits + "-_.:/'\"[]{}", min_size=1, max_size=10)
 
 
-@PROPERTY
+@WHOLE_CONFIGS
 @given(valid_run_configs(), _WORD.filter(lambda t: "=" not in t), st.integers(0, 100))
 def test_a_token_without_equals_is_refused(values, token, where):
     """A bare word among the pairs (Flower would drop it without a word) is refused, named."""

@@ -20,7 +20,7 @@ from uirl.data.convert import MANIFEST, ConvertOptions, convert
 from uirl.errors import DataError, UirlError
 
 #: Each conversion is a few tens of milliseconds; these budgets keep the file well under a minute.
-PROPERTY = settings(max_examples=60, deadline=None, database=None)
+PROPERTY = settings(max_examples=50, deadline=None, database=None)
 OPTIONS = ConvertOptions(negatives=2)
 FORMATS = ("jsonl", "csv", "parquet")
 
