@@ -7,13 +7,13 @@ message with a task field it would pass through the SecAgg+ mod, which masks tra
 model updates, and every train handler would have to branch on the field; a query with its own
 action reaches the release handler only, and Flower's strategies never see it.
 
-The server asks every connected silo (once ``min-nodes`` have connected), checks each reply
-(status OK, one finite count per catalogue item, a noise level that is > 0 under DP), and builds
-the prior from the sum with :func:`uirl.engine.popularity_prior` -- the same post-processing as the
-in-process engine. The catalogue size is the one most releasing silos share. A silo that refuses,
-fails or sends something else is left out, and the console says which; with none left the run
-stops. Every reply's privacy numbers (the silo's epsilon after the release) go to
-``privacy.jsonl`` as round-0 rows. The prior is saved in the run directory
+The server asks every connected silo (once ``min-nodes`` have connected); each reply is checked by
+:func:`uirl.replies.check_release` (status, metric keys and ranges, one finite count vector over the
+catalogue most releasing silos share, a noise level that is > 0 under DP), the same check the
+in-process engine makes, and the prior is built from the sum with :func:`uirl.engine.popularity_prior`
+-- the same post-processing as the engine. A silo that refuses, fails or sends something else is
+left out, and the console says which; with none left the run stops. Every reply's privacy numbers
+(the silo's epsilon after the release) go to ``privacy.jsonl`` as round-0 rows. The prior is saved in the run directory
 (:meth:`uirl.rundir.RunDirectory.save_prior`); a resumed run sends that one again rather than ask
 the silos for a second release.
 """
@@ -21,7 +21,6 @@ the silos for a second release.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -34,7 +33,8 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from uirl.config import Config
 from uirl.engine import popularity_prior
 from uirl.errors import UirlError
-from uirl.federated import COUNTS_ARRAY, RELEASE_ACTION, STATUS_OK
+from uirl.federated import RELEASE_ACTION
+from uirl.replies import ReplyRejected, check_release, release_catalogue
 from uirl.rundir import RunDirectory
 
 #: The message type of the release; the ClientApp routes it to ``@app.query(RELEASE_ACTION)``.
@@ -52,7 +52,7 @@ def _last_line(text: str | None) -> str:
 
 
 class _Reply(NamedTuple):
-    who: str  # "silo <partition-id>", or "node <id>" for a reply that names no silo
+    who: str  # "silo <partition-id>", or "node <id>" for a reply that names no usable silo label
     counts: np.ndarray | None  # None: left out of the prior
     noise: float  # the release's noise standard deviation (0: exact counts, DP off)
     metrics: dict  # the privacy row: the silo's metrics, ``accepted``, and why a reply was left out
@@ -62,51 +62,46 @@ class _Reply(NamedTuple):
         return str(self.metrics.get("error") or self.metrics.get("rejected"))
 
 
-def _read(cfg: Config, msg: Message) -> _Reply:
-    """One reply, checked. A reason to leave it out goes under ``error`` (the silo's own) or
-    ``rejected`` (the server's)."""
+def _records(msg: Message) -> tuple[list[dict], list[dict[str, np.ndarray]]]:
+    """A reply's metric records and array records as plain dicts (what :func:`check_release` reads)."""
+    content = msg.content
+    metrics = [dict(record) for record in content.metric_records.values()]
+    arrays = [{name: np.asarray(array.numpy()) for name, array in record.items()}
+              for record in content.array_records.values()]
+    return metrics, arrays
+
+
+def _label(metrics: list[dict], node: int) -> tuple[str, dict]:
+    """Who a reply is from, for the console, and the silo label its row may keep (a finite number only)."""
+    silo = metrics[0].get("silo") if len(metrics) == 1 else None
+    if isinstance(silo, (int, float)) and not isinstance(silo, bool) and math.isfinite(silo):
+        return f"silo {int(silo)}", {"silo": float(silo)}
+    return f"node {node}", {}
+
+
+def _read(cfg: Config, msg: Message, catalogue: int | None) -> _Reply:
+    """One reply, checked against the catalogue size ``catalogue``. A reason to leave it out goes
+    under ``error`` (the silo's own) or ``rejected`` (the server's)."""
     node = msg.metadata.src_node_id
     if msg.has_error():
         return _Reply(f"node {node}", None, 0.0, {"node-id": node, "accepted": False,
                                                   "error": _last_line(msg.error.reason)})
-    content = msg.content
-    metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
-    if any(not isinstance(v, (int, float)) or math.isnan(v) for v in metrics.values()) or not (
-            math.isfinite(metrics.get("silo", 0.0))):
-        return _Reply(f"node {node}", None, 0.0, {"node-id": node, "accepted": False,
-                                                  "rejected": "a metric that is not a number, or a silo label "
-                                                              "that is not finite"})
-    metrics["node-id"] = node  # rows are keyed by Flower's node id; the silo is only a label
-    who = f"silo {int(metrics['silo'])}" if "silo" in metrics else f"node {node}"
-    if metrics.get("status") != STATUS_OK:
-        error = str(content["error"].get("message", "")) if "error" in content.config_records else ""
-        error = error or f"status {metrics.get('status')}"
-        return _Reply(who, None, 0.0, {**metrics, "accepted": False, "error": error})
-    arrays = content.array_records.get("arrays")
-    counts = np.asarray(arrays[COUNTS_ARRAY].numpy()) if arrays is not None and COUNTS_ARRAY in arrays else None
-    noise = float(metrics.get("release-noise", 0.0))
-    if counts is None or counts.ndim != 1 or not np.isfinite(counts).all():
-        why = "no finite count vector in the reply"
-    elif not math.isfinite(noise) or noise < 0 or (cfg.privacy.enabled and noise == 0):
-        why = f"release noise {noise} is not a valid noise level{' under DP' if cfg.privacy.enabled else ''}"
-    else:
-        return _Reply(who, counts, noise, {**metrics, "accepted": True})
-    return _Reply(who, None, 0.0, {**metrics, "accepted": False, "rejected": why})
+    metrics, arrays = _records(msg)
+    who, label = _label(metrics, node)
+    try:
+        release = check_release(metrics, arrays, catalogue=catalogue, dp=cfg.privacy.enabled)
+    except ReplyRejected as why:
+        return _Reply(who, None, 0.0, {**label, "node-id": node, "accepted": False, "rejected": str(why)})
+    row = {**release.metrics, "node-id": node}  # rows are keyed by Flower's node id; the silo is only a label
+    if release.counts is None:
+        error = str(msg.content["error"].get("message", "")) if "error" in msg.content.config_records else ""
+        return _Reply(who, None, 0.0, {**row, "accepted": False, "error": error or f"status {row['status']:g}"})
+    return _Reply(who, release.counts, release.noise, {**row, "accepted": True})
 
 
-def _same_catalogue(replies: list[_Reply]) -> list[_Reply]:
-    """Counts over a catalogue of another size than most releasing silos' cannot be summed with
-    theirs: those replies are marked rejected."""
-    sizes = Counter(len(r.counts) for r in replies if r.counts is not None)
-    if not sizes:
-        return replies
-    size = sizes.most_common(1)[0][0]
-
-    def rejected(r: _Reply) -> _Reply:
-        why = f"its counts cover {len(r.counts)} items, the other silos' catalogue {size}"
-        return r._replace(counts=None, metrics={**r.metrics, "accepted": False, "rejected": why})
-
-    return [r if r.counts is None or len(r.counts) == size else rejected(r) for r in replies]
+def _catalogue(answers: list[Message]) -> int | None:
+    """The catalogue size most releasing silos share (:func:`uirl.replies.release_catalogue`)."""
+    return release_catalogue(_records(msg)[1] for msg in answers if not msg.has_error())
 
 
 def release_prior(grid: Grid, cfg: Config, run: RunDirectory, *, on_release: Callable[[list[dict]], None],
@@ -118,8 +113,8 @@ def release_prior(grid: Grid, cfg: Config, run: RunDirectory, *, on_release: Cal
     _, nodes = sample_nodes(grid, cfg.federation.min_nodes, 0)
     answers = list(grid.send_and_receive(
         [Message(RecordDict(), dst_node_id=node, message_type=RELEASE_MESSAGE) for node in nodes], timeout=timeout))
-    replies = _same_catalogue(sorted((_read(cfg, msg) for msg in answers),
-                                     key=lambda r: r.metrics.get("silo", math.inf)))
+    catalogue = _catalogue(answers)
+    replies = sorted((_read(cfg, msg, catalogue) for msg in answers), key=lambda r: r.metrics.get("silo", math.inf))
     on_release([r.metrics for r in replies])
     replied = {msg.metadata.src_node_id for msg in answers}
     left_out = [(f"node {node}", "no reply") for node in nodes if node not in replied]

@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
 from helpers import tiny_config
-from server.popularity import RELEASE_MESSAGE, PriorError, _read, _Reply, _same_catalogue, release_prior
+from server.popularity import RELEASE_MESSAGE, PriorError, _catalogue, _read, release_prior
 from uirl.config import SiloConfig, from_run_config, silo_from_node_config, to_run_config
 from uirl.errors import ConfigError
 from uirl.federated import (COUNTS_ARRAY, PRIOR_ARRAY, RELEASE_METRICS, STATUS_OK, STATUS_REPLAY_REFUSED,
@@ -132,30 +132,48 @@ def test_the_server_builds_the_prior_without_a_silo_that_refuses(tiny_bert, flow
                       timeout=10.0)
 
 
-def test_counts_over_another_catalogue_are_left_out():
-    replies = [_Reply(f"silo {k}", np.zeros(n), 1.0, {"silo": float(k), "accepted": True})
-               for k, n in enumerate((5, 4, 5))]
-    kept = _same_catalogue(replies)
+def _release_reply(metrics: dict, counts: np.ndarray, *, node: int = 7, extra: dict | None = None) -> Message:
+    """A release reply as a silo's ClientApp sends it (status OK, the counts as the one array record)."""
+    asked = Message(RecordDict(), dst_node_id=node, message_type=RELEASE_MESSAGE)
+    content = RecordDict({"metrics": MetricRecord({"status": float(STATUS_OK), **metrics}),
+                          "arrays": ArrayRecord({COUNTS_ARRAY: Array(counts), **(extra or {})})})
+    return Message(content, reply_to=asked)
+
+
+def _honest(silo: int) -> dict:
+    """The metrics of an honest release under DP."""
+    return {"num-examples": 50.0, "silo": float(silo), "epsilon": 2.0, "delta": 1e-5, "target-epsilon": 8.0,
+            "noise-multiplier": 0.0, "sample-rate": 0.2, "rounds-trained": 0.0, "release-noise": 1.5}
+
+
+def test_counts_over_another_catalogue_are_left_out(flower_task):
+    cfg = tiny_config("unused", **{"popularity-prior": True})
+    answers = [_release_reply(_honest(k), np.ones(n), node=20 + k) for k, n in enumerate((5, 4, 5))]
+    assert _catalogue(answers) == 5  # the size most releasing silos share
+    kept = [_read(cfg, msg, _catalogue(answers)) for msg in answers]
     assert [r.counts is not None for r in kept] == [True, False, True]
     assert not kept[1].metrics["accepted"] and "cover 4 items" in kept[1].why and "catalogue 5" in kept[1].why
+    assert kept[1].who == "silo 1" and kept[1].metrics["node-id"] == 21
 
 
-@pytest.mark.parametrize("metrics, counts, why", [
-    ({"silo": float("nan")}, np.ones(3), "not finite"),
-    ({"silo": 0.0, "epsilon": float("nan")}, np.ones(3), "not a number"),
-    ({"silo": 0.0, "release-noise": 1.0}, np.array([1.0, np.inf, 0.0]), "no finite count vector"),
-    ({"silo": 0.0, "release-noise": -1.0}, np.ones(3), "not a valid noise level"),
+@pytest.mark.parametrize("metrics, counts, extra, why", [
+    ({"silo": float("nan")}, np.ones(3), None, "silo = nan is not finite"),
+    ({"epsilon": float("nan")}, np.ones(3), None, "epsilon = nan is not finite"),
+    ({"release-noise": 1.0}, np.array([1.0, np.inf, 0.0]), None, "1 count(s) not finite"),
+    ({"release-noise": -1.0}, np.ones(3), None, "release-noise = -1 is not a number in [0, inf]"),
+    ({"release-noise": 0.0}, np.ones(3), None, "not a valid noise level under DP"),
+    ({}, np.ones(3), {"extra": Array(np.ones(2))}, "extra ['extra']"),
+    ({"auc": 0.5}, np.ones(3), None, "extra ['auc']"),
 ])
-def test_a_bad_release_reply_is_left_out_with_its_reason(flower_task, metrics, counts, why):
-    """A release reply with a non-number, a non-finite label, non-finite counts or an impossible noise
-    level never reaches the prior; its row names the node and the reason."""
+def test_a_bad_release_reply_is_left_out_with_its_reason(flower_task, metrics, counts, extra, why):
+    """A release reply with a non-number, a non-finite label, non-finite counts, an impossible noise
+    level or something an honest silo never sends never reaches the prior; its row names the node and
+    the reason (the check itself: :func:`uirl.replies.check_release`, tests/test_release_replies.py)."""
     cfg = tiny_config("unused", **{"popularity-prior": True})
-    asked = Message(RecordDict(), dst_node_id=7, message_type=RELEASE_MESSAGE)
-    content = RecordDict({"metrics": MetricRecord({"status": float(STATUS_OK), **metrics}),
-                          "arrays": ArrayRecord({COUNTS_ARRAY: Array(counts)})})
-    reply = _read(cfg, Message(content, reply_to=asked))
+    reply = _read(cfg, _release_reply({**_honest(0), **metrics}, counts, extra=extra), 3)
     assert reply.counts is None and not reply.metrics["accepted"] and why in reply.why
-    assert reply.metrics["node-id"] == 7
+    assert reply.metrics["node-id"] == 7 and reply.who == ("node 7" if "silo" in metrics else "silo 0")
+    assert _read(cfg, _release_reply(_honest(0), np.ones(3)), 3).metrics["accepted"]  # the honest one passes
 
 
 def test_popularity_prior_with_secagg_needs_dp():

@@ -436,6 +436,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             raise ConfigError("expected a number", field=key, value=value)
         try:
             number = float(value)
+        except OverflowError:  # an integer beyond any float (a TOML integer has no size limit)
+            raise ConfigError("expected a finite number", field=key, value=value) from None
         except (TypeError, ValueError):
             raise ConfigError("expected a number", field=key, value=value) from None
         if not math.isfinite(number):

@@ -22,15 +22,16 @@ from typing import Any
 import numpy as np
 
 from uirl.config import Config, SiloConfig
-from uirl.errors import UirlError
-from uirl.federated import EvaluationWithheld, hash_seed, local_evaluate, local_release, local_train, released_update
+from uirl.errors import RunFailed, UirlError
+from uirl.federated import (COUNTS_ARRAY, EvaluationWithheld, hash_seed, local_evaluate, local_release, local_train,
+                            released_update)
 from uirl.privacy.popularity import prior_from_counts
 from uirl.model import InterestModel
 from uirl.model.build import build_model
 from uirl.model.encoder import Encoder
 from uirl.privacy import PrivacyLedger
 from uirl.privacy.central import central_epsilon, central_noise
-from uirl.replies import ReplyChecker
+from uirl.replies import ReplyChecker, ReplyRejected, check_release, release_catalogue
 from uirl.rounds import SiloReply, conclude_round, round_summary, train_round
 from uirl.wire import downlink
 
@@ -98,6 +99,26 @@ def popularity_prior(released: list[np.ndarray], noise: list[float] | None = Non
     return prior_from_counts(np.sum(released, axis=0), noise_std)
 
 
+def _release_prior(cfg: Config, silos: list[SiloConfig], ledgers: dict[int, str | None]
+                   ) -> tuple[np.ndarray | None, dict[int, str | None]]:
+    """Every silo's popularity release, each checked by :func:`uirl.replies.check_release` as the
+    ServerApp checks it, and the prior from those released (None if every silo refused); with the
+    silos' new ledgers. These silos run this process's own code, so a rejected release is a bug, not
+    a hostile silo: it stops the run instead of quietly leaving that silo out."""
+    out = [local_release(cfg, s, ledger_json=ledgers[k]) for k, s in enumerate(silos)]
+    replies = [([metrics], [] if counts is None else [{COUNTS_ARRAY: counts}]) for counts, metrics, _ in out]
+    catalogue = release_catalogue(arrays for _, arrays in replies)
+    released = []
+    for k, (metrics, arrays) in enumerate(replies):
+        try:
+            released.append(check_release(metrics, arrays, catalogue=catalogue, dp=cfg.privacy.enabled))
+        except ReplyRejected as why:
+            raise RunFailed(f"silo {k}: popularity release rejected: {why}") from None
+    released = [r for r in released if r.counts is not None]
+    prior = popularity_prior([r.counts for r in released], [r.noise for r in released])
+    return prior, {k: ledger for k, (_, _, ledger) in enumerate(out)}
+
+
 def reported_metrics(cfg: Config, silos: list[SiloConfig], state: dict[str, np.ndarray], prior: np.ndarray | None
               ) -> list[dict[str, float]]:
     """The evaluation metrics of the silos that report them (see :class:`~uirl.federated.EvaluationWithheld`)."""
@@ -125,11 +146,8 @@ def run_federated(cfg: Config, num_silos: int, *, on_round: Callable[[dict[str, 
     ledgers: dict[int, str | None] = {k: None for k in range(num_silos)}
     rng = np.random.default_rng(hash_seed(cfg.train.seed, 7919))
     prior = None
-    if cfg.model.popularity_prior:  # each silo's (noised) counts, summed by the server
-        released = [local_release(cfg, s, ledger_json=ledgers[k]) for k, s in enumerate(silos)]
-        ledgers = {k: ledger for k, (_, _, ledger) in enumerate(released)}
-        prior = popularity_prior([counts for counts, _, _ in released if counts is not None],
-                                 [m.get("release-noise", 0.0) for counts, m, _ in released if counts is not None])
+    if cfg.model.popularity_prior:  # each silo's (noised) counts, checked and summed by the server
+        prior, ledgers = _release_prior(cfg, silos, ledgers)
 
     def evaluate(server_round: int, extra: dict[str, Any]) -> None:
         metrics = {}

@@ -9,7 +9,10 @@ _MAX_VALUE_CHARS = 80
 
 def _show(value: Any) -> str:
     """repr() of a bad value, cut short so one huge cell cannot flood the message."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more digits than Python turns into text
+        text = f"<{type(value).__name__} too large to show>"
     if len(text) > _MAX_VALUE_CHARS:
         text = text[: _MAX_VALUE_CHARS - 3] + "..."
     return text

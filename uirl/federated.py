@@ -87,6 +87,14 @@ TRAIN_REPLY_KEYS = {
     STATUS_LEDGER_ERROR: frozenset({"status", "silo", "steps"}),  # refused before reading the ledger
     STATUS_REPLAY_REFUSED: frozenset({"status", "silo", "steps"}),
 }
+#: The metric keys of an honest popularity-release reply, by ``status``, under DP (without DP a silo
+#: has no accountant and adds no noise: less :data:`DP_METRICS` and ``release-noise``). See
+#: :func:`local_release_durable` for the refusals and :func:`uirl.replies.check_release` for the check.
+RELEASE_REPLY_KEYS = {
+    STATUS_OK: RELEASE_METRICS,
+    STATUS_REPLAY_REFUSED: RELEASE_METRICS - {"release-noise"},  # released before: nothing new, nothing spent
+    STATUS_UNSUPPORTED: frozenset({"status", "silo"}),  # refused before reading the ledger
+}
 
 
 @dataclass

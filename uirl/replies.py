@@ -18,6 +18,13 @@ one can put anything in the records Flower carries. :class:`ReplyChecker` accept
 
 A rejected reply raises :class:`ReplyRejected` with a one-line reason; the caller drops it.
 
+The popularity release (``popularity-prior``, once before round 0) is checked here too, by
+:func:`check_release`: the keys an honest release of the status it claims has, every value a number
+in its range, and for a release exactly one array record holding exactly one finite count vector
+over the catalogue most releasing silos share (:func:`release_catalogue`), within what its
+``num-examples`` users can give, with a noise level > 0 under DP. The ServerApp
+(:mod:`server.popularity`) and the in-process engine (:mod:`uirl.engine`) both call it.
+
 Identity is the node id the transport gives (Flower's ``src_node_id``, authenticated by SuperNode
 authentication in a deployment), never the ``silo`` a reply claims. ``silo`` is kept only as a
 label, and only while it is consistent: the label this node gave first in this run, and no other
@@ -36,7 +43,8 @@ median`` or ``trimmed-mean``) ignore weights for that reason.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +53,8 @@ from uirl.aggregation import UpdateRejected, check_update, honest_update_norm
 from uirl.compression import PayloadError, decode_update
 from uirl.config import Config
 from uirl.errors import RunFailed
-from uirl.federated import DP_METRICS, EVAL_METRICS, FULL_METRICS, KEPT_UNDER_DP, STATUS_OK, TRAIN_REPLY_KEYS
+from uirl.federated import (COUNTS_ARRAY, DP_METRICS, EVAL_METRICS, FULL_METRICS, KEPT_UNDER_DP,
+                            RELEASE_REPLY_KEYS, STATUS_OK, TRAIN_REPLY_KEYS)
 
 
 class ReplyRejected(UpdateRejected):
@@ -68,6 +77,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "sample-rate": (0, 1, False),
     "rounds-trained": (0, math.inf, True),
     "replayed": (0, 1, True),
+    "release-noise": (0, math.inf, False),
 }
 _RATE = (0.0, 1.0, False)
 
@@ -250,3 +260,82 @@ def check_round(server_round: int, *, trained: int, asked: int, min_nodes: int, 
         raise RunFailed(f"round {server_round}: {trained} valid update(s) from {asked} silo(s) asked, fewer than "
                         f"the {needed} needed (min-nodes {min_nodes}); {rejected} reply(ies) rejected, "
                         f"{refused} refused{reason}")
+
+
+#: How many noise standard deviations a released count may lie outside [0, num-examples] (the
+#: range of an exact count: each user adds at most 1 to an item): an honest silo's Gaussian noise
+#: passes this on a catalogue of 10^15 items with probability 1 - 10^-8.
+_RELEASE_SIGMAS = 10.0
+
+
+@dataclass(frozen=True)
+class Release:
+    """A checked popularity-release reply."""
+
+    metrics: dict[str, float]  # the silo's metrics, each a number in its range
+    counts: np.ndarray | None  # float64, one count per catalogue item; None: the silo refused (``status``)
+    noise: float  # the counts' noise standard deviation (0: exact counts, DP off)
+
+
+def release_catalogue(arrays: Iterable[Sequence[Mapping[str, np.ndarray]]]) -> int | None:
+    """The catalogue size most replies' count vectors share (each item of ``arrays`` is one reply's
+    array records); None if no reply carries a count vector. Counts over a catalogue of another size
+    cannot be summed with theirs: :func:`check_release` rejects them."""
+    sizes = Counter(np.shape(records[0][COUNTS_ARRAY])[0] for records in arrays
+                    if len(records) == 1 and COUNTS_ARRAY in records[0] and np.ndim(records[0][COUNTS_ARRAY]) == 1)
+    return sizes.most_common(1)[0][0] if sizes else None
+
+
+def check_release(metrics: Sequence[Mapping], arrays: Sequence[Mapping[str, np.ndarray]], *,
+                  catalogue: int | None, dp: bool) -> Release:
+    """One popularity-release reply (its metric records and array records), checked; raises
+    :class:`ReplyRejected`. ``catalogue``: the length the counts must have (see
+    :func:`release_catalogue`; None: any); ``dp``: the run's ``dp`` (the release must be noised).
+    A refusal (a known status other than OK, with the keys an honest refusal has and no arrays) is
+    returned with ``counts`` None."""
+    values = _one_record(metrics)
+    status = values.get("status")
+    if isinstance(status, bool) or not isinstance(status, (int, float)) or status not in RELEASE_REPLY_KEYS:
+        raise ReplyRejected(f"status = {str(status)[:40]!r} is not a known status of a release")
+    keys = RELEASE_REPLY_KEYS[status] if dp else RELEASE_REPLY_KEYS[status] - DP_METRICS - {"release-noise"}
+    _check_keys(values, (keys,), f"a status-{int(status)} release reply")
+    infinite_ok = not dp  # a silo without DP reports epsilon = inf
+    values = {key: float(value) if key == "status" else
+              _check_value(key, value, infinite_ok=infinite_ok and key == "epsilon") for key, value in values.items()}
+    if status != STATUS_OK:
+        if arrays:
+            raise ReplyRejected(f"a refusal (status {status:g}) that carries arrays")
+        return Release(metrics=values, counts=None, noise=0.0)
+    noise = values.get("release-noise", 0.0)
+    if dp and noise <= 0:
+        raise ReplyRejected(f"release-noise = {noise:g} is not a valid noise level under DP (expected > 0)")
+    return Release(metrics=values, counts=_release_counts(arrays, catalogue, values["num-examples"], noise),
+                   noise=noise)
+
+
+def _release_counts(arrays: Sequence[Mapping[str, np.ndarray]], catalogue: int | None, users: float,
+                    noise: float) -> np.ndarray:
+    if len(arrays) != 1:
+        raise ReplyRejected(f"a release with {len(arrays)} array records, expected exactly one")
+    names = set(arrays[0])
+    if names != {COUNTS_ARRAY}:
+        extra = sorted(str(n)[:40] for n in names - {COUNTS_ARRAY})[:3]
+        raise ReplyRejected(f"a release's arrays must be exactly {COUNTS_ARRAY!r} (extra {extra}, "
+                            f"missing {sorted({COUNTS_ARRAY} - names)})")
+    counts = np.asarray(arrays[0][COUNTS_ARRAY])
+    if counts.dtype.kind not in "iuf" or counts.ndim != 1:
+        raise ReplyRejected(f"the counts are {counts.dtype} of shape {counts.shape}, expected one number per "
+                            f"catalogue item")
+    if catalogue is not None and len(counts) != catalogue:
+        raise ReplyRejected(f"its counts cover {len(counts)} items, the other silos' catalogue {catalogue}")
+    counts = counts.astype(np.float64)
+    finite = np.isfinite(counts)
+    if not finite.all():
+        raise ReplyRejected(f"{int((~finite).sum())} count(s) not finite, e.g. item {int(np.flatnonzero(~finite)[0])}")
+    low, high = -_RELEASE_SIGMAS * noise, users + _RELEASE_SIGMAS * noise
+    outside = (counts < low) | (counts > high)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise ReplyRejected(f"count {counts[i]:g} of item {i} is outside [{low:g}, {high:g}], what {users:g} users "
+                            f"and noise {noise:g} can give")
+    return counts

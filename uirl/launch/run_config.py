@@ -10,7 +10,6 @@ one line naming the key, and nothing is started.
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from pathlib import Path
@@ -37,20 +36,38 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
         key, raw = match.group(1), match.group(2)
         try:
             values[key] = tomllib.loads(f"value = {raw}")["value"]
-        except tomllib.TOMLDecodeError:
+        # Besides TOMLDecodeError (a ValueError): an integer of more digits than Python converts
+        # (ValueError), arrays nested deeper than the parser recurses (RecursionError).
+        except (ValueError, RecursionError):
             raise ConfigError("--run-config: expected a number, true/false or a quoted string",
                               field=key, value=raw) from None
     return values
 
 
+def _toml_text(key: str, text: str) -> str:
+    """``text`` as a TOML string that Flower's pattern (:data:`_PAIR`) reads as one value: a basic
+    string (``"..."``, backslash and control characters escaped) unless it holds a double quote,
+    which that pattern cannot carry even escaped; then a literal string (``'...'``: no escapes), which
+    holds neither a single quote nor a control character other than tab."""
+    if '"' not in text:
+        escaped = "".join(f"\\u{ord(c):04x}" if (c < " " and c != "\t") or c == "\x7f" else
+                          "\\\\" if c == "\\" else c for c in text)
+        return f'"{escaped}"'
+    if "'" not in text and not any((c < " " and c != "\t") or c == "\x7f" for c in text):
+        return f"'{text}'"
+    raise ConfigError("cannot be passed in --run-config: a value with a double quote may hold no single quote "
+                      "and no control character", field=key, value=text)
+
+
 def format_overrides(values: dict[str, Any]) -> str:
     """``{"lr": 0.01, "dataset": "/data/x", "dp": True}`` -> ``'lr=0.01 dataset="/data/x" dp=true'``: the
-    ``--run-config`` text that :func:`parse_overrides` (and Flower) reads back as ``values``."""
-    def value(v: Any) -> str:
+    ``--run-config`` text that :func:`parse_overrides` (and Flower) reads back as ``values``; a
+    :class:`ConfigError` for a string no such text can carry (see :func:`_toml_text`)."""
+    def value(key: str, v: Any) -> str:
         if isinstance(v, bool):
             return str(v).lower()
-        return json.dumps(v) if isinstance(v, str) else str(v)
-    return " ".join(f"{k}={value(v)}" for k, v in values.items())
+        return _toml_text(key, v) if isinstance(v, str) else str(v)
+    return " ".join(f"{k}={value(k, v)}" for k, v in values.items())
 
 
 def app_defaults(app: Path) -> dict[str, Any]:

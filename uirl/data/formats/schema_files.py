@@ -13,8 +13,10 @@ and without a ``behavior`` column every event is a positive interaction (``click
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,16 +79,10 @@ def read(path: Path, *, skip_unknown: bool = False) -> Tables:
     social = users = None
     if (social_path := _find(root, "social", False)) is not None:
         frame = _frame(social_path)
-        for column in ("user_id", "other_user_id"):
-            if column not in frame.columns:
-                raise DataError("missing required column", file=str(social_path), field=column)
-        social = pa.table({c: pa.array(frame[c].astype(str).tolist(), pa.string())
+        social = pa.table({c: pa.array(_user_ids(frame, c, social_path), pa.string())
                            for c in ("user_id", "other_user_id")})
     if (users_path := _find(root, "users", False)) is not None:
-        frame = _frame(users_path)
-        if "user_id" not in frame.columns:
-            raise DataError("missing required column", file=str(users_path), field="user_id")
-        users = pa.Table.from_pandas(frame.astype({"user_id": str}), preserve_index=False)
+        users = _user_table(_frame(users_path), users_path)
     candidates = None
     if (candidates_path := _find(root, "candidates", False)) is not None:
         candidates = read_fixed_lists(candidates_path, set(items["item_id"]))
@@ -98,3 +94,44 @@ def read(path: Path, *, skip_unknown: bool = False) -> Tables:
                             for c, t in EVENT_TYPES.items() if c in events.columns})
     return Tables(items=item_table, events=event_table, users=users, social=social, candidates=candidates,
                   event_order=order)
+
+
+def _user_ids(frame: pd.DataFrame, column: str, path: Path) -> list[str]:
+    """A column of user ids as text (a number such as 196 is an id too); a missing or blank id, or a
+    value that is no id at all (true/false, a list), names its row."""
+    if column not in frame.columns:
+        raise DataError("missing required column", file=str(path), field=column)
+    values = frame[column].tolist()
+    for row, value in enumerate(values):
+        if (value is None or value is pd.NA or isinstance(value, (bool, list, dict, np.ndarray))
+                or (isinstance(value, float) and not math.isfinite(value)) or not str(value).strip()):
+            raise DataError("expected a user id (text or a whole number)", file=str(path), row=row, field=column,
+                            value=value)
+    return [str(value) for value in values]
+
+
+def _user_table(frame: pd.DataFrame, path: Path) -> pa.Table:
+    """``users.<ext>``: one row per user id, each attribute column of one type (numbers or text)."""
+    ids = _user_ids(frame, "user_id", path)
+    first: dict[str, int] = {}
+    for row, user in enumerate(ids):
+        if user in first:
+            raise DataError(f"a user_id that appears twice (first at row {first[user]})", file=str(path), row=row,
+                            field="user_id", value=user)
+        first[user] = row
+    columns = {"user_id": pa.array(ids, pa.string())}
+    for name in frame.columns:
+        if name == "user_id":
+            continue
+        values = [None if isinstance(v, float) and math.isnan(v) else v for v in frame[name].tolist()]
+        try:
+            column = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            column = None
+        if column is None or not (pa.types.is_string(column.type) or pa.types.is_integer(column.type)
+                                  or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type)
+                                  or pa.types.is_null(column.type)):
+            raise DataError("expected one number, true/false or text per user in this column (of one type for "
+                            "all users)", file=str(path), field=str(name))
+        columns[str(name)] = column
+    return pa.table(columns)
