@@ -32,7 +32,8 @@ def _deploy(args: argparse.Namespace) -> int:
         try:
             with Deployment(args.workdir, silos=args.silos, data_root=args.data_root, app=args.app) as deployment:
                 deployment.up(unregistered=args.unregistered)
-                print(f"uirl: SuperLink on 127.0.0.1:{deployment.port} (TLS, SuperNode authentication), "
+                print(f"uirl: SuperLink's Control API on 127.0.0.1:{deployment.control_port}, Fleet API (for "
+                      f"SuperNodes) on 127.0.0.1:{deployment.fleet_port} (TLS, SuperNode authentication), "
                       f"{args.silos} SuperNodes; logs in {deployment.procs.log_dir}", flush=True)
                 status, _ = deployment.run_app(args.run_config, log=ConciseLog(verbose=args.verbose))
                 if deployment.run_dir is not None:
