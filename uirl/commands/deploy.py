@@ -13,7 +13,8 @@ from uirl.errors import UirlError
 from uirl.commands.run import add_common_arguments, stopping_on_signals
 
 _DESCRIPTION = """Deploy on this machine: make credentials, start flower-superlink (TLS, SuperNode
-authentication) and one flower-supernode per silo on 127.0.0.1, register the silos' keys, run the
+authentication), the fleet gateway in front of it (the only address SuperNodes are given: it forwards
+Fleet calls only) and one flower-supernode per silo on 127.0.0.1, register the silos' keys, run the
 app, check its status, and stop every process it started (by PID), also on Ctrl-C or an error.
 Exit status 0 only if Flower reports the run as finished:completed."""
 

@@ -38,6 +38,8 @@ FLEET_PATHS = frozenset(f"/v1/fleet/{name}" for name in (
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones the forwarding client sets itself.
 _DROP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
          "host", "content-length"}
+# Response headers the gateway's own server writes.
+_OWN = {"date", "server"}
 
 
 def allowed(method: str, raw_path: bytes, query: bytes) -> bool:
@@ -66,7 +68,8 @@ def create_app(superlink: str, ca_certfile: str):
             return PlainTextResponse(f"the SuperLink is unreachable: {type(exc).__name__}\n", status_code=502)
         # Raw bytes: the body goes back exactly as the SuperLink encoded it.
         return StreamingResponse(response.aiter_raw(), status_code=response.status_code,
-                                 headers={k: v for k, v in response.headers.items() if k.lower() not in _DROP},
+                                 headers={k: v for k, v in response.headers.items()
+                                          if k.lower() not in _DROP | _OWN},
                                  background=BackgroundTask(response.aclose))
 
     async def app(scope, receive, send) -> None:
