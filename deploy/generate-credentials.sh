@@ -7,14 +7,14 @@
 # Usage: deploy/generate-credentials.sh [OUT_DIR] [NUM_SILOS] [SUPERLINK_HOSTS]
 #   OUT_DIR          default deploy/credentials
 #   NUM_SILOS        default 3
-#   SUPERLINK_HOSTS  comma-separated DNS names / IPs the SuperLink is reached at
-#                    (default "superlink,localhost,127.0.0.1"); every one becomes a SAN of server.pem
+#   SUPERLINK_HOSTS  comma-separated DNS names / IPs the SuperLink and its fleet gateway are reached at
+#                    (default "superlink,fleet-gateway,localhost,127.0.0.1"); every one becomes a SAN of server.pem
 # Existing files are never overwritten: delete OUT_DIR to start again.
 set -euo pipefail
 
 out="${1:-deploy/credentials}"
 silos="${2:-3}"
-hosts="${3:-superlink,localhost,127.0.0.1}"
+hosts="${3:-superlink,fleet-gateway,localhost,127.0.0.1}"
 days=365
 
 command -v openssl >/dev/null || { echo "generate-credentials: openssl is required" >&2; exit 2; }

@@ -5,6 +5,7 @@ a crash of the server side, resume, a SuperNode restart, export. One deployment 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -37,6 +38,24 @@ def test_compose_file_validates_and_a_broken_one_does_not(tmp_path):
                                                                          "    restart: [unless-stopped]\n", 1))
     bad = subprocess.run([str(compose), "-f", str(broken), "config", "-q"], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode != 0
+
+
+def test_compose_publishes_only_the_fleet_gateway_and_keeps_supernodes_off_the_superlinks_network():
+    """The SuperLink's port (Control API, no authentication in Flower 1.41) is published on the host's
+    loopback only; every SuperNode goes through the fleet gateway, on a network the SuperLink is not on."""
+    compose = _compose_binary()
+    out = subprocess.run([str(compose), "-f", str(ROOT / "docker-compose.yml"), "config", "--format", "json"],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "SUPERLINK_ADDRESS": ""})
+    assert out.returncode == 0, out.stderr
+    services = json.loads(out.stdout)["services"]
+    published = {(name, p.get("host_ip", "0.0.0.0"), int(p["published"])) for name, s in services.items()
+                 for p in s.get("ports", [])}
+    assert published == {("superlink", "127.0.0.1", 8000), ("fleet-gateway", "0.0.0.0", 9092)}
+    assert "--superlink=superlink:8000" in services["fleet-gateway"]["command"]
+    supernodes = [s for name, s in services.items() if name.startswith("supernode-")]
+    for node in supernodes:
+        assert "--superlink=fleet-gateway:9092" in node["command"]
+        assert not set(node["networks"]) & set(services["superlink"]["networks"])
 
 
 def test_credentials_script_makes_a_chain_that_verifies(tmp_path):

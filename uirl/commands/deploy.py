@@ -13,7 +13,8 @@ from uirl.errors import UirlError
 from uirl.commands.run import add_common_arguments, stopping_on_signals
 
 _DESCRIPTION = """Deploy on this machine: make credentials, start flower-superlink (TLS, SuperNode
-authentication) and one flower-supernode per silo on 127.0.0.1, register the silos' keys, run the
+authentication), the fleet gateway in front of it (the only address SuperNodes are given: it forwards
+Fleet calls only) and one flower-supernode per silo on 127.0.0.1, register the silos' keys, run the
 app, check its status, and stop every process it started (by PID), also on Ctrl-C or an error.
 Exit status 0 only if Flower reports the run as finished:completed."""
 
@@ -32,7 +33,8 @@ def _deploy(args: argparse.Namespace) -> int:
         try:
             with Deployment(args.workdir, silos=args.silos, data_root=args.data_root, app=args.app) as deployment:
                 deployment.up(unregistered=args.unregistered)
-                print(f"uirl: SuperLink on 127.0.0.1:{deployment.port} (TLS, SuperNode authentication), "
+                print(f"uirl: SuperLink's Control API on 127.0.0.1:{deployment.control_port}, Fleet API (for "
+                      f"SuperNodes) on 127.0.0.1:{deployment.fleet_port} (TLS, SuperNode authentication), "
                       f"{args.silos} SuperNodes; logs in {deployment.procs.log_dir}", flush=True)
                 status, _ = deployment.run_app(args.run_config, log=ConciseLog(verbose=args.verbose))
                 if deployment.run_dir is not None:

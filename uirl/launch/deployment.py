@@ -3,10 +3,14 @@ separate processes on 127.0.0.1, with TLS and SuperNode authentication, then the
 
 1. credentials: a CA, the SuperLink's certificate and one ECDSA key pair per silo, made by
    ``deploy/generate-credentials.sh`` into ``WORKDIR/credentials`` (kept if already there);
-2. ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and its state in ``WORKDIR/state.db``;
-3. each silo's public key registered with ``flwr supernode register``; ``unregistered`` extra
-   SuperNodes use keys that were never registered (the SuperLink must refuse them);
-4. one ``flower-supernode`` per silo, node config ``partition-id``, ``num-partitions`` and
+2. ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and its state in ``WORKDIR/state.db``,
+   listening on 127.0.0.1 only (``control_port``: Flower 1.41 serves its Control API, which has no
+   authentication, on the same port as the Fleet API), and the Fleet gateway
+   (:mod:`uirl.launch.fleet_gateway`, ``fleet_port``) that forwards only the SuperNodes' Fleet calls:
+   the one address SuperNodes are given;
+3. each silo's public key registered with ``flwr supernode register`` over the Control address;
+   ``unregistered`` extra SuperNodes use keys that were never registered (the SuperLink must refuse them);
+4. one ``flower-supernode`` per silo, connected to the Fleet gateway, node config ``partition-id``, ``num-partitions`` and
    ``ledger-path`` (``WORKDIR/silo-<i>/privacy-ledger.json``), plus ``data-path`` with a data root;
 5. ``flwr run . deploy --stream``, then the run's status from ``flwr ls`` (``flwr run`` exits 0
    even when the ServerApp fails); the run directory from the file the ServerApp writes, where
@@ -45,7 +49,10 @@ class Deployment:
         self.silos = silos
         self.data_root = Path(data_root).resolve() if data_root else None
         self.credentials = self.workdir / "credentials"
-        self.port = free_port()
+        # The SuperLink's own port (Control, Fleet and Runtime APIs: the operator's, never published)
+        # and the Fleet gateway's (the only one SuperNodes are given).
+        self.control_port = free_port()
+        self.fleet_port = free_port()
         flwr_home = self.workdir / "flwr-home"
         flwr_home.mkdir(parents=True, exist_ok=True)
         self.env = flower_env(flwr_home)
@@ -67,21 +74,28 @@ class Deployment:
                        check=True, capture_output=True, text=True)
         (self.workdir / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.credentials / "ca.crt"}"\n',
+            f'address = "127.0.0.1:{self.control_port}"\nroot-certificates = "{self.credentials / "ca.crt"}"\n',
             encoding="utf-8")
 
     def start_superlink(self) -> None:
+        """The SuperLink on 127.0.0.1:``control_port`` and the Fleet gateway on ``fleet_port``."""
         c = self.credentials
+        tls = ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"),
+               "--ssl-keyfile", str(c / "server.key")]
         proc = self.procs.start("superlink", [
-            executable("flower-superlink"), "--ssl-ca-certfile", str(c / "ca.crt"),
-            "--ssl-certfile", str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key"),
+            executable("flower-superlink"), *tls,
             "--enable-supernode-auth", "--database", str(self.workdir / "state.db"),
-            "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation"],
+            "--host", "127.0.0.1", "--port", str(self.control_port), "--disable-runtime-dependency-installation"],
             cwd=self.workdir)
-        wait_for_port(self.port, alive=lambda: proc.poll() is None)
+        wait_for_port(self.control_port, alive=lambda: proc.poll() is None)
+        if "fleet-gateway" not in self.procs.procs:  # it outlives a SuperLink restart
+            gateway = self.procs.start("fleet-gateway", [
+                sys.executable, "-m", "uirl.launch.fleet_gateway", "--listen", f"127.0.0.1:{self.fleet_port}",
+                "--superlink", f"127.0.0.1:{self.control_port}", *tls], cwd=self.workdir)
+            wait_for_port(self.fleet_port, alive=lambda: gateway.poll() is None)
 
     def register(self, silo: int) -> int | None:
-        """Register silo ``silo``'s public key with the SuperLink; return its node id (None if the
+        """Register silo ``silo``'s public key over the Control address; return its node id (None if the
         key was registered before, e.g. by an earlier run in the same work directory)."""
         out = subprocess.run([executable("flwr"), "supernode", "register", str(self.credentials / f"supernode-{silo}.pub"),
                               CONNECTION, "--format", "json"], cwd=self.app, env=self.env, capture_output=True,
@@ -109,7 +123,7 @@ class Deployment:
         key = self.credentials / f"supernode-{silo if key_index is None else key_index}"
         name = f"supernode-{silo}" if key_index is None else f"supernode-key-{key_index}"
         return self.procs.start(name, [
-            executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.fleet_port}",
             "--root-certificates", str(self.credentials / "ca.crt"), "--auth-supernode-private-key", str(key),
             "--port", str(free_port()), "--node-config", self.node_config(silo)], cwd=self.workdir)
 
