@@ -51,11 +51,3 @@ def test_a_negative_count_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="torch-threads"):
         from_run_config({"torch-threads": -1})
 
-
-def test_simulated_silos_share_the_cores_so_none_idles_at_the_end_of_a_round():
-    from uirl.launch.simulation import cpus_per_silo
-
-    # Ray runs floor(cores / reservation) silos at once: every silo of a round at once up to two per core.
-    assert [cpus_per_silo(n, 2) for n in (1, 2, 3, 4, 5, 10)] == [1.0, 1.0, 0.66, 0.5, 0.5, 0.5]
-    for silos in range(1, 9):
-        assert int(2 // cpus_per_silo(silos, 2)) >= min(silos, 4)

@@ -20,15 +20,14 @@ def _run(args: argparse.Namespace) -> int:
     from uirl.launch.output import ConciseLog
     from uirl.launch.processes import app_dir
     from uirl.launch.run_config import check_run_config
-    from uirl.launch.simulation import cpus_per_silo, run_simulation
+    from uirl.launch.simulation import run_simulation
 
     if args.supernodes < 1:
         raise UirlError("--supernodes must be >= 1")
     check_run_config(app_dir(args.app), args.run_config, nodes=args.supernodes)  # before anything starts
-    if args.cpus_per_client is not None and args.cpus_per_client <= 0:
-        raise UirlError(f"--cpus-per-client must be > 0, not {args.cpus_per_client:g}")
-    args.cpus_per_client = args.cpus_per_client or cpus_per_silo(args.supernodes)
-    print(f"uirl: {args.supernodes} simulated silos (SuperNodes), {args.cpus_per_client:g} CPU each", flush=True)
+    if args.cpus_per_client < 1:
+        raise UirlError(f"--cpus-per-client must be a whole number >= 1, not {args.cpus_per_client}")
+    print(f"uirl: {args.supernodes} simulated silos (SuperNodes), {args.cpus_per_client} CPU each", flush=True)
 
     def launch() -> int:
         result = run_simulation(supernodes=args.supernodes, run_config=args.run_config,
@@ -68,8 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run the federated job as a local Flower simulation",
                          description=_DESCRIPTION)
     run.add_argument("--supernodes", type=int, default=3, help="number of simulated silos (default 3)")
-    run.add_argument("--cpus-per-client", type=float, default=None,
-                     help="CPUs Ray reserves per simulated silo (default: the cores shared by the silos, "
-                          "between 0.5 and 1, so that no core idles while the last silos of a round train)")
+    run.add_argument("--cpus-per-client", type=int, default=1,
+                     help="whole CPUs Ray reserves per simulated silo (default 1)")
     add_common_arguments(run)
     run.set_defaults(func=_run)

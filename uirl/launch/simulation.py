@@ -19,7 +19,6 @@ Does what a careful user would do by hand with ``flwr run . local --stream``:
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 import sys
@@ -66,28 +65,11 @@ def keep_flower_log(run_dir: Path | None, text: str) -> Path | None:
     return path
 
 
-def cpus_per_silo(supernodes: int, cores: int | None = None) -> float:
-    """The CPUs Ray reserves for each simulated silo when the user does not say: the machine's cores
-    shared by the silos, at most 1 and at least 1/2.
-
-    Ray runs floor(cores / reservation) silos at once. With 1 CPU each, 3 silos on 2 cores train as
-    2 + 1, one core idle while the third trains (24 s of a 3-silo round 1, most of it the ClientApp's
-    start-up, in the performance issue's anatomy). Sharing the cores runs every silo of a round at
-    once when there are at most two per core; the floor of 1/2 keeps at most two silos' models in
-    memory per core. Each silo still runs one torch thread (Ray sets ``OMP_NUM_THREADS`` to
-    max(1, floor(reservation)), see :mod:`uirl.threads`)."""
-    from uirl.threads import usable_cores
-
-    share = (cores or usable_cores()) / max(1, supernodes)
-    return max(0.5, min(1.0, math.floor(share * 100) / 100))
-
-
-def run_simulation(*, supernodes: int, run_config: str | None, cpus_per_client: float | None = None,
+def run_simulation(*, supernodes: int, run_config: str | None, cpus_per_client: int = 1,
                    app: Path | None = None, flwr_home: Path | None = None, log=sys.stdout) -> RunResult:
-    """Run the app with ``supernodes`` simulated silos, each reserving ``cpus_per_client`` CPUs
-    (default :func:`cpus_per_silo`). ``log`` receives every line ``flwr run`` prints (a
-    :class:`~uirl.launch.output.ConciseLog` filters them and adds a status line)."""
-    cpus_per_client = cpus_per_client or cpus_per_silo(supernodes)
+    """Run the app with ``supernodes`` simulated silos, each reserving ``cpus_per_client`` whole CPUs
+    (Flower 1.41's simulation config takes an integer). ``log`` receives every line ``flwr run``
+    prints (a :class:`~uirl.launch.output.ConciseLog` filters them and adds a status line)."""
     app = app_dir(app)
     flwr_home = Path(flwr_home or os.environ.get("FLWR_HOME") or app / ".flwr-home")
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -97,7 +79,7 @@ def run_simulation(*, supernodes: int, run_config: str | None, cpus_per_client: 
     run_info = scratch / "run-info.json"
     env[RUN_INFO_ENV] = str(run_info)
     cmd = [executable("flwr"), "run", str(app), "local", "--stream", "--federation-config",
-           f"num-supernodes={supernodes} client-resources-num-cpus={cpus_per_client:g} "
+           f"num-supernodes={supernodes} client-resources-num-cpus={int(cpus_per_client)} "
            "client-resources-num-gpus=0.0"]
     if run_config:
         cmd += ["--run-config", run_config]
