@@ -16,6 +16,9 @@ With ``popularity-prior`` the server first sends a query (action :data:`~uirl.fe
 see :mod:`server.popularity`): the silo releases its item counts once, recorded in the same ledger
 its DP-SGD steps later compose with. Every later train and evaluate message carries the prior the
 server built, next to the adapter arrays.
+
+If anything here raises, the server learns only the exception's class name; the traceback stays in
+the silo's own log (:mod:`client.failures`).
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.failures import contain_failures
 from client.secagg import secagg_train, secagg_when_configured
 from uirl.config import Config, SiloConfig, from_run_config, silo_from_node_config
 from uirl.federated import (COUNTS_ARRAY, EvaluationWithheld, PRIOR_ARRAY, RELEASE_ACTION, local_evaluate, local_release_durable,
                             local_train_durable)
 
-app = ClientApp(mods=[secagg_when_configured])
+# contain_failures first, so that it wraps everything after it: a failure anywhere in the silo's
+# code, SecAgg+'s mod included, reaches the server as the exception's class name only.
+app = ClientApp(mods=[contain_failures, secagg_when_configured])
 
 _LEDGER = "uirl-privacy"
 

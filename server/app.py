@@ -12,6 +12,9 @@ twice. With ``popularity-prior`` each silo first releases its item counts once
 The server holds the whole global adapter (frozen LoRA A matrices included: checkpoints, resume
 and ``final/`` have it all) but sends the silos only its trainable arrays (:func:`uirl.wire.downlink`).
 
+Every message waits at most ``reply-timeout`` seconds for the silos' replies; a silo that has not
+answered by then is left out of that round (:mod:`server.strategy` names it on the console).
+
 The run fails (the ServerApp raises :class:`uirl.errors.RunFailed`, Flower reports the run as
 failed, and no ``final/`` is written) when a round has fewer valid updates than ``min-nodes``, when
 fewer than ``min-nodes`` silos are connected ``node-wait-timeout`` seconds after the server started
@@ -46,11 +49,6 @@ from uirl.tables import print_table, round_line
 
 app = ServerApp()
 
-#: Seconds the server waits for the replies of one round (as Flower's own ``Strategy.start``); a
-#: silo that has not answered by then is left out of that round.
-REPLY_TIMEOUT = 3600.0
-
-
 #: The privacy numbers of a silo's reply that go to ``privacy.jsonl``.
 _PRIVACY_KEYS = ("silo", "status", "epsilon", "delta", "target-epsilon", "noise-multiplier", "sample-rate", "steps",
                  "rounds-trained", "release-noise", "accepted", "replayed", "error", "notes")
@@ -80,13 +78,14 @@ class _Recorder:
             self._record(0, m)
         self.pending[0] = silo_epsilons(released)
 
-    def on_train(self, server_round: int, per_silo: list[dict]) -> None:
+    def on_train(self, server_round: int, per_silo: list[dict], asked: int) -> None:
         """A rejected reply gets a row with its reason in privacy.jsonl and nothing else: none of
-        its numbers reach the ledger or the round."""
+        its numbers reach the ledger or the round. A silo asked that did not reply gets no row; the
+        round row counts it (``silos-no-reply``)."""
         for m in per_silo:
             if not self._rejected(server_round, m):
                 self._record(server_round, m)
-        self.pending[server_round] = round_summary(per_silo)
+        self.pending[server_round] = round_summary(per_silo, asked=asked)
 
     def _rejected(self, server_round: int, m: dict) -> bool:
         """Record a rejected reply (its node, label and the reason only); True if ``m`` was one."""
@@ -167,7 +166,7 @@ def _prior(grid: Grid, cfg: Config, run: RunDirectory, recorder: _Recorder) -> n
         return None
     if cfg.federation.resume:
         return run.load_prior()
-    return release_prior(grid, cfg, run, on_release=recorder.on_release, timeout=REPLY_TIMEOUT)
+    return release_prior(grid, cfg, run, on_release=recorder.on_release, timeout=cfg.federation.reply_timeout)
 
 
 @app.main()
@@ -201,7 +200,7 @@ def main(grid: Grid, context: Context) -> None:
             return
         nodes_ready()
         replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-                                        timeout=REPLY_TIMEOUT)
+                                        timeout=fed.reply_timeout)
         strategy.aggregate_evaluate(server_round, replies)
 
     if done == 0:  # round 0: the pretrained model before any federated training
@@ -211,10 +210,10 @@ def main(grid: Grid, context: Context) -> None:
         nodes_ready()
         if fed.secagg:
             aggregated = secagg_train(grid, context, cfg, strategy, server_round, arrays, train_config,
-                                      timeout=REPLY_TIMEOUT)
+                                      timeout=fed.reply_timeout)
         else:
             replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid),
-                                            timeout=REPLY_TIMEOUT)
+                                            timeout=fed.reply_timeout)
             aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
             arrays = aggregated

@@ -10,7 +10,9 @@ engine: a malformed, out-of-range or oversized reply, or one from a ClientApp th
 dropped (logged at WARNING with the node id and the reason, recorded as a rejected row); refusals
 are recorded, not averaged; the kept updates are combined by the run's ``aggregation`` rule or,
 with ``central-dp``, clipped, averaged over the silos asked and noised; a round with fewer valid
-updates than ``min-nodes`` raises :class:`uirl.errors.RunFailed` after its rows are recorded.
+updates than ``min-nodes`` raises :class:`uirl.errors.RunFailed` after its rows are recorded. A silo
+asked that sends no reply within ``reply-timeout`` (Flower's ``send_and_receive`` returns without
+it) is named on the console at WARNING and counted in the round row (``silos-no-reply``).
 Frozen adapter parts (FFA-LoRA's A matrices) are kept from the global model. Evaluation metrics
 are averaged over the checked replies, weighted by their capped user counts.
 
@@ -86,7 +88,7 @@ def silo_reply(msg: Message) -> SiloReply:
 
 
 class ValidatingFedAvg(FedAvg):
-    def __init__(self, *, cfg: Config, trainable: set[str], on_train: Callable[[int, list[dict]], None],
+    def __init__(self, *, cfg: Config, trainable: set[str], on_train: Callable[[int, list[dict], int], None],
                  on_evaluate: Callable[[int, list[dict], dict], None], prior: np.ndarray | None = None,
                  **kwargs) -> None:
         super().__init__(**kwargs)
@@ -97,7 +99,7 @@ class ValidatingFedAvg(FedAvg):
         self.on_evaluate = on_evaluate
         self.prior = prior
         self._global: dict[str, np.ndarray] = {}
-        self._asked = 0
+        self._asked: dict[str, list[int]] = {"train": [], "evaluate": []}  # the nodes the last message went to
         if cfg.federation.central_dp:
             _announce_central_dp(cfg)
 
@@ -113,17 +115,32 @@ class ValidatingFedAvg(FedAvg):
                         ) -> Iterable[Message]:
         self._global = _as_numpy(arrays)
         messages = list(super().configure_train(server_round, self.outgoing(arrays), config, grid))
-        self._asked = len(messages)
+        self._asked["train"] = [m.metadata.dst_node_id for m in messages]
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
-        return super().configure_evaluate(server_round, self.outgoing(arrays), config, grid)
+        messages = list(super().configure_evaluate(server_round, self.outgoing(arrays), config, grid))
+        self._asked["evaluate"] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def _warn_silent(self, server_round: int, task: str, replies: list[Message]) -> None:
+        """Name on the console each node asked that sent no reply within ``reply-timeout`` (Flower's
+        ``send_and_receive`` returns without it): it is left out of the round, with no row."""
+        replied = {m.metadata.src_node_id for m in replies}
+        for node in self._asked[task]:
+            if node not in replied:
+                label = self.checker.label(node)
+                log_warning(f"round {server_round}: node {node}{'' if label is None else f' (silo {label})'} sent "
+                            f"no {task} reply within reply-timeout ({self.cfg.federation.reply_timeout:g} s): "
+                            "left out of the round")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._warn_silent(server_round, "train", replies)
         result = train_round(self.cfg, self.checker, self._global, server_round, [silo_reply(m) for m in replies],
-                             asked=self._asked, warn=log_warning)
+                             asked=len(self._asked["train"]), warn=log_warning)
         self.conclude_round(result)
         merged = {name: Array(value) for name, value in self._global.items()}
         merged.update({name: Array(value) for name, value in (result.new or {}).items()})
@@ -132,10 +149,12 @@ class ValidatingFedAvg(FedAvg):
     def conclude_round(self, result: RoundResult, *, why: str = "") -> None:
         """Record the round's rows, say on the console if it was degraded, and raise
         :class:`~uirl.errors.RunFailed` if too few silos trained (:func:`uirl.rounds.conclude_round`)."""
-        self.on_train(result.server_round, result.rows)
+        self.on_train(result.server_round, result.rows, result.asked)
         conclude_round(self.cfg, result, why=why, warn=log_warning)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._warn_silent(server_round, "evaluate", replies)
         rows, kept = [], []
         for msg in replies:
             node = msg.metadata.src_node_id

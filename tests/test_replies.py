@@ -63,6 +63,10 @@ def _content(metrics, arrays) -> RecordDict:
     return content
 
 
+#: A silo that sends no reply (Flower's ``send_and_receive`` returned without it).
+SILENT = object()
+
+
 class Federation:
     """The ServerApp's strategy and recorder over a run directory, fed hand-made replies."""
 
@@ -72,12 +76,15 @@ class Federation:
         self.arrays = ArrayRecord({n: Array(v) for n, v in GLOBAL.items()})
 
     def train(self, server_round: int, bad: dict | None = None) -> dict[str, np.ndarray]:
-        """One round; ``bad`` maps a silo to (metrics, arrays) or to an Error in place of its honest reply."""
+        """One round; ``bad`` maps a silo to (metrics, arrays) or to an Error in place of its honest
+        reply, or to :data:`SILENT` (no reply: it did not answer within ``reply-timeout``)."""
         sent = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), _Grid()))
         replies = []
         for msg in sent:
             silo = NODES.index(msg.metadata.dst_node_id)
             reply = (bad or {}).get(silo, (_metrics(silo, server_round), _update(silo)))
+            if reply is SILENT:
+                continue
             replies.append(Message(reply, reply_to=msg) if isinstance(reply, Error)
                            else Message(_content(*reply), reply_to=msg))
         new, _ = self.strategy.aggregate_train(server_round, replies)
@@ -147,6 +154,41 @@ def test_a_bad_reply_is_dropped_the_round_goes_on_and_the_reason_is_recorded(tmp
     row = fed.evaluate(2)
     assert (row["silos-trained"], row["silos-replied"], row["silos-rejected"]) == (4, 5, 1)
     assert math.isnan(row["train-loss"])  # under DP no silo tells its loss
+
+
+def test_a_silo_that_sends_no_reply_in_time_is_named_and_counted(tmp_path, monkeypatch):
+    """A silo missing from a round's replies (past ``reply-timeout``) is named on the console, has
+    no row, and the round row counts it; too many such silos fail the round, saying so."""
+    import server.strategy
+    from uirl.tables import round_line
+
+    said = []
+    monkeypatch.setattr(server.strategy, "log_warning", said.append)
+    fed = Federation(tmp_path)
+    fed.train(1)
+    new = fed.train(2, bad={4: SILENT})
+    for name, value in _clean([0, 1, 2, 3]).items():
+        np.testing.assert_allclose(new[name], value, rtol=1e-6)
+    assert f"round 2: node {NODES[4]} (silo 4) sent no train reply within reply-timeout (3600 s): left out of the " \
+           "round" in said
+    assert not [r for r in fed.privacy_rows() if r["round"] == 2 and r["node-id"] == str(NODES[4])]
+    row = fed.evaluate(2)
+    assert (row["silos-trained"], row["silos-replied"], row["silos-rejected"], row["silos-no-reply"]) == (4, 4, 0, 1)
+    assert "silos=4/4 (1 no reply)" in round_line(row)
+    with pytest.raises(RunFailed, match=r"2 valid update\(s\) from 5 silo\(s\) asked.*0 refused, 3 sent no reply "
+                                        r"within reply-timeout"):
+        fed.train(3, bad={2: SILENT, 3: SILENT, 4: SILENT})
+
+
+@pytest.mark.parametrize("value, expected", [(0, "a number of seconds > 0"), (-1.0, "a number of seconds > 0"),
+                                             (math.inf, "a finite number"), ("soon", "a number")])
+def test_reply_timeout_must_be_a_positive_number_of_seconds(value, expected):
+    from uirl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"field 'reply-timeout' = .*: expected {expected}"):
+        from_run_config({"reply-timeout": value})
+    assert from_run_config({"reply-timeout": 2.5}).federation.reply_timeout == 2.5
+    assert from_run_config({}).federation.reply_timeout == 3600.0
 
 
 def test_a_count_above_the_first_one_is_capped(tmp_path):

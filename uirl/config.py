@@ -293,6 +293,11 @@ class FederationConfig:
         "node-wait-timeout", 300.0,
         "seconds the server waits for `min-nodes` connected silos (before the first round and before each later "
         "one) before it fails the run; it says every 10 s how many it waits for")
+    reply_timeout: float = _key(
+        "reply-timeout", 3600.0,
+        "seconds the server waits for the silos' replies to one message (a training or evaluation round, the "
+        "popularity release, each SecAgg+ stage); a silo that has not answered by then is left out of that round, "
+        "which goes on if at least `min-nodes` valid updates remain")
     max_update_norm: float | None = _key(
         "max-update-norm", None,
         "the server rejects an update whose L2 norm (distance from the global model) exceeds this; `auto`: per silo, "
@@ -351,6 +356,7 @@ class FederationConfig:
             _check(self.max_update_norm > 0, "max-update-norm", self.max_update_norm, "'auto' or a number > 0")
         _check(self.min_nodes >= 1, "min-nodes", self.min_nodes, "an integer >= 1")
         _check(self.node_wait_timeout > 0, "node-wait-timeout", self.node_wait_timeout, "a number of seconds > 0")
+        _check(self.reply_timeout > 0, "reply-timeout", self.reply_timeout, "a number of seconds > 0")
         _check(self.checkpoint_keep >= 1, "checkpoint-keep", self.checkpoint_keep, "an integer >= 1")
         _check(self.central_dp in ("", "fixed"), "central-dp", self.central_dp, "'' (off) or 'fixed'")
         _check(self.central_clip > 0, "central-clip", self.central_clip, "a number > 0")

@@ -178,7 +178,7 @@ def run_federated(cfg: Config, num_silos: int, *, on_round: Callable[[dict[str, 
                              expected_silos=cfg.federation.fraction_train * num_silos if cfg.federation.central_dp
                              else None)
         state.update(result.new or {})
-        summary = round_summary(result.rows)
+        summary = round_summary(result.rows, asked=result.asked)
         if cfg.federation.central_dp:
             summary["epsilon"] = accounting(cfg, ledgers, server_round)["epsilon"]
         conclude_round(cfg, result)

@@ -249,17 +249,18 @@ class ReplyChecker:
 
 
 def check_round(server_round: int, *, trained: int, asked: int, min_nodes: int, rejected: int,
-                refused: int, why: str = "") -> None:
+                refused: int, silent: int = 0, why: str = "") -> None:
     """Raise :class:`~uirl.errors.RunFailed` if a round has fewer valid updates than ``min-nodes``
     (or than the silos asked, if fewer were asked): what the round would average is then too
     little to stand for the federation, and averaging nothing would keep the old model while the
-    run looked like it went on."""
+    run looked like it went on. ``silent``: silos asked that sent no reply within ``reply-timeout``."""
     needed = max(1, min(min_nodes, asked))
     if trained < needed:
         reason = f"; {why}" if why else ""
+        no_reply = f", {silent} sent no reply within reply-timeout" if silent else ""
         raise RunFailed(f"round {server_round}: {trained} valid update(s) from {asked} silo(s) asked, fewer than "
                         f"the {needed} needed (min-nodes {min_nodes}); {rejected} reply(ies) rejected, "
-                        f"{refused} refused{reason}")
+                        f"{refused} refused{no_reply}{reason}")
 
 
 #: How many noise standard deviations a released count may lie outside [0, num-examples] (the

@@ -157,17 +157,21 @@ def silo_epsilons(rows: Sequence[Mapping]) -> dict[str, float]:
     return {"epsilon": max(eps.values(), default=math.nan), **dict(sorted(eps.items()))}
 
 
-def round_summary(rows: Sequence[Mapping]) -> dict[str, float]:
+def round_summary(rows: Sequence[Mapping], *, asked: int | None = None) -> dict[str, float]:
     """The round's row from its per-reply rows: the user-weighted training loss of the silos that
     trained and reported one (under DP none does: :data:`uirl.federated.KEPT_UNDER_DP`; NaN then),
-    :func:`silo_epsilons`, and how many silos trained, replied and were rejected."""
+    :func:`silo_epsilons`, and how many silos trained, replied and were rejected; given the number of
+    silos ``asked``, also how many of them sent no reply (within ``reply-timeout``)."""
     accepted = [m for m in rows if m.get("accepted")]
     with_loss = [m for m in accepted if "train-loss" in m]
     users = sum(m["weight"] for m in with_loss)
     loss = sum(m["train-loss"] * m["weight"] for m in with_loss) / users if users else math.nan
     rejected = sum("rejected" in m for m in rows)
-    return {"train-loss": loss, **silo_epsilons(rows), "silos-trained": len(accepted), "silos-replied": len(rows),
-            "silos-rejected": rejected}
+    summary = {"train-loss": loss, **silo_epsilons(rows), "silos-trained": len(accepted), "silos-replied": len(rows),
+               "silos-rejected": rejected}
+    if asked is not None:
+        summary["silos-no-reply"] = max(asked - len(rows), 0)
+    return summary
 
 
 def conclude_round(cfg: Config, result: RoundResult, *, why: str = "", warn: Warn = _quiet) -> None:
@@ -178,8 +182,9 @@ def conclude_round(cfg: Config, result: RoundResult, *, why: str = "", warn: War
     rows = result.rows
     rejected = sum("rejected" in row for row in rows)
     refused = sum("rejected" not in row and not row["accepted"] for row in rows)
+    silent = max(result.asked - len(rows), 0)
     if result.trained < result.asked:
         warn(f"round {result.server_round}: {result.trained} of {result.asked} silos asked trained ({rejected} "
-             f"rejected, {refused} refused, {max(result.asked - len(rows), 0)} no reply)")
+             f"rejected, {refused} refused, {silent} no reply)")
     check_round(result.server_round, trained=result.trained, asked=result.asked, min_nodes=cfg.federation.min_nodes,
-                rejected=rejected, refused=refused, why=why or result.why)
+                rejected=rejected, refused=refused, silent=silent, why=why or result.why)

@@ -29,12 +29,15 @@ def _silo_epsilons(row: dict[str, Any]) -> str:
 
 
 def _silos(row: dict[str, Any]) -> str:
-    """"trained/replied" of a round row, and how many replies the server rejected (a degraded round)."""
+    """"trained/replied" of a round row, and how many replies the server rejected and how many silos
+    asked sent none in time (a degraded round)."""
     if "silos-trained" not in row:
         return "-"
     replied = f"/{row['silos-replied']}" if "silos-replied" in row else ""
-    rejected = f" ({row['silos-rejected']} rejected)" if row.get("silos-rejected") else ""
-    return f"{row['silos-trained']}{replied}{rejected}"
+    degraded = [f"{row['silos-rejected']} rejected"] if row.get("silos-rejected") else []
+    degraded += [f"{row['silos-no-reply']} no reply"] if row.get("silos-no-reply") else []
+    note = f" ({', '.join(degraded)})" if degraded else ""
+    return f"{row['silos-trained']}{replied}{note}"
 
 
 def _cell(key: str, row: dict[str, Any]) -> str:

@@ -69,6 +69,8 @@ def released_text(cfg: dict[str, Any]) -> str:
                      "silo (its own console shows them);")
     else:
         lines.append("- its training loss and the number of users it sampled (exact: `dp = false`);")
+    lines.append("- if its ClientApp fails, only the exception's class name (e.g. `ValueError (details in the silo's "
+                 "log)`): the message and traceback, which may name local files and data, stay in the silo's log;")
     lines.append(f"- evaluation metrics (AUC, MRR, nDCG, Recall: exact averages over its test users, NOT covered "
                  f"by the guarantee), only from a silo that evaluated at least {cfg.get('eval-min-users', 10)} "
                  "users, so one user moves a reported average by at most 1/that number.")
