@@ -5,6 +5,8 @@ the field) -- never another exception -- and a refused conversion leaves no outp
 
 from __future__ import annotations
 
+import contextlib
+
 import csv
 import json
 import math
@@ -118,6 +120,17 @@ def _write_all(src: Path, records: dict[str, list[dict]], fmt: str) -> None:
         write_table(src, name, rows, fmt)
 
 
+@contextlib.contextmanager
+def _sources(records, fmt):
+    """A temporary work directory holding ``records`` as schema files in ``src/``: (work, src, out)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        src, out = work / "src", work / "out"
+        src.mkdir()
+        _write_all(src, records, fmt)
+        yield work, src, out
+
+
 def _refused_cleanly(work: Path, out: Path) -> None:
     """A refused conversion leaves no output directory and no temporary one next to it."""
     assert not out.exists()
@@ -128,11 +141,7 @@ def _refused_cleanly(work: Path, out: Path) -> None:
 @given(mutated())
 def test_one_bad_value_is_refused_naming_its_file_and_field(case):
     records, fmt, file, field = case
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        src, out = work / "src", work / "out"
-        src.mkdir()
-        _write_all(src, records, fmt)
+    with _sources(records, fmt) as (work, src, out):
         try:
             convert("schema", src, out, OPTIONS)
         except DataError as error:
@@ -210,11 +219,7 @@ def datasets(draw):
 @given(datasets())
 def test_arbitrary_small_tables_convert_or_fail_naming_the_file(case):
     records, fmt = case
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        src, out = work / "src", work / "out"
-        src.mkdir()
-        _write_all(src, records, fmt)
+    with _sources(records, fmt) as (work, src, out):
         try:
             convert("schema", src, out, OPTIONS)
         except UirlError as error:
