@@ -4,6 +4,8 @@ payloads rejected with a reason, and a federated run whose AUC compression leave
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from uirl.aggregation import UpdateRejected, fedavg
 from uirl.compression import (BLOCK, SCALE_SUFFIX, PayloadError, check_payload, compress, decode_update,
                               decompress, encode_update, num_scales, payload_bytes)
 from uirl.config import SiloConfig, from_run_config, to_run_config
-from uirl.errors import ConfigError, UirlError
+from uirl.errors import ConfigError
 from uirl.model.build import build_model
 from uirl.replies import ReplyChecker
 from uirl.wire import downlink, wire_bytes
@@ -195,7 +197,7 @@ class _Grid:
 
 # --- the real model -----------------------------------------------------------------------------
 
-def test_the_client_app_receives_and_sends_no_frozen_arrays(tiny_bert, flower_identity):
+def test_the_client_app_receives_and_sends_no_frozen_arrays(tiny_bert, flower_identity, caplog):
     from client.app import app as client_app
 
     cfg = tiny_config(tiny_bert, **{"train-mode": "lora", "compression": "int8"})
@@ -220,8 +222,15 @@ def test_the_client_app_receives_and_sends_no_frozen_arrays(tiny_bert, flower_id
     # A message without the trainable arrays is refused, not trained from another silo's leftovers.
     bare = Message(RecordDict({"arrays": ArrayRecord({}), "config": ConfigRecord({"server-round": 2})}),
                    dst_node_id=7, message_type="train")
-    with pytest.raises(UirlError, match=f"lacks {len(trainable)} trainable"):  # Flower's runtime turns it into an error reply
-        client_app(bare, context)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.addHandler(caplog.handler)
+    try:
+        refused = client_app(bare, context)
+    finally:
+        flwr_log.removeHandler(caplog.handler)
+    assert refused.has_error() and refused.error.reason == "UirlError (details in the silo's log)"
+    assert not refused.has_content()
+    assert f"lacks {len(trainable)} trainable" in caplog.text  # the reason, in the silo's own log only
 
 
 @pytest.mark.parametrize("mode", ["lora", "cached"])
