@@ -98,7 +98,9 @@ def release(msg: Message, context: Context) -> Message:
     """The silo's one popularity release of the run (noised and in its ledger under DP)."""
     cfg = from_run_config(context.run_config)
     silo = silo_from_node_config(context.node_config)
-    counts, metrics, ledger, error = local_release_durable(cfg, silo, ledger_json=_state_ledger(context))
+    config = msg.content.config_records.get("config", ConfigRecord())
+    counts, metrics, ledger, error = local_release_durable(cfg, silo, ledger_json=_state_ledger(context),
+                                                           run=str(config.get("run-name", "")))
     _keep_ledger(context, ledger)
     return _reply(msg, None if counts is None else {COUNTS_ARRAY: counts}, metrics, error)
 

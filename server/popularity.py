@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -112,7 +112,8 @@ def release_prior(grid: Grid, cfg: Config, run: RunDirectory, *, on_release: Cal
     :class:`PriorError` if no silo released usable counts."""
     _, nodes = sample_nodes(grid, cfg.federation.min_nodes, 0)
     answers = list(grid.send_and_receive(
-        [Message(RecordDict(), dst_node_id=node, message_type=RELEASE_MESSAGE) for node in nodes], timeout=timeout))
+        [Message(RecordDict({"config": ConfigRecord({"run-name": run.path.name})}), dst_node_id=node,
+                 message_type=RELEASE_MESSAGE) for node in nodes], timeout=timeout))
     catalogue = _catalogue(answers)
     replies = sorted((_read(cfg, msg, catalogue) for msg in answers), key=lambda r: r.metrics.get("silo", math.inf))
     on_release([r.metrics for r in replies])

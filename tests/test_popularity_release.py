@@ -17,12 +17,14 @@ from helpers import tiny_config
 from server.popularity import RELEASE_MESSAGE, PriorError, _catalogue, _read, release_prior
 from uirl.config import SiloConfig, from_run_config, silo_from_node_config, to_run_config
 from uirl.errors import ConfigError
-from uirl.federated import (COUNTS_ARRAY, PRIOR_ARRAY, RELEASE_METRICS, STATUS_OK, STATUS_REPLAY_REFUSED,
-                            STATUS_UNSUPPORTED, _worker)
+from uirl.federated import (COUNTS_ARRAY, PRIOR_ARRAY, RELEASE_METRICS, STATUS_LEDGER_ERROR, STATUS_OK,
+                            STATUS_REPLAY_REFUSED, _worker, local_release_durable, local_train_durable)
+from uirl.engine import popularity_prior
 from uirl.launch.output import ConciseLog
 from uirl.launch.simulation import run_simulation
 from uirl.model.build import build_model
 from uirl.privacy import PrivacyLedger
+from uirl.privacy.ledger_file import LedgerFile
 from uirl.privacy.popularity import composed_epsilon
 from uirl.rundir import PRIOR_FILE, RunDirectory
 
@@ -108,28 +110,72 @@ def test_a_silo_releases_once_into_the_ledger_its_training_composes_with(tiny_be
 
 def test_the_server_builds_the_prior_without_a_silo_that_refuses(tiny_bert, flower_task, tmp_path, capsys):
     cfg = tiny_config(tiny_bert, **{"popularity-prior": True})
-    ledger_path = str(tmp_path / "silo-1" / "ledger.json")
-    grid = _LocalGrid([_context(cfg, 11, 0), _context(cfg, 12, 1, **{"ledger-path": ledger_path})])
+    ledger_path = tmp_path / "silo-1" / "ledger.json"
+    ledger_path.parent.mkdir()
+    ledger_path.write_text("{not json", encoding="utf-8")  # a damaged ledger: the silo fails closed
+    grid = _LocalGrid([_context(cfg, 11, 0), _context(cfg, 12, 1, **{"ledger-path": str(ledger_path)})])
     run = RunDirectory.create(tmp_path / "runs", "r", {})
     rows = []
     prior = release_prior(grid, cfg, run, on_release=rows.extend, timeout=10.0)
     shown = capsys.readouterr().out
-    assert "popularity prior built without silo 1" in shown and "ledger-path" in shown
+    assert "popularity prior built without silo 1" in shown and "corrupt privacy ledger" in shown
+    server_line = next(line for line in shown.splitlines() if line.startswith("uirl: popularity prior built without"))
+    assert "<ledger folder>/ledger.json" in server_line and str(tmp_path) not in server_line  # no silo path leaves
+    assert f"uirl: silo 1 refuses: {ledger_path}: corrupt privacy ledger" in shown  # the full text, on the silo's console
     assert "popularity prior from silo 0 over" in shown
     np.testing.assert_array_equal(np.load(run.path / PRIOR_FILE), prior)
     np.testing.assert_array_equal(run.load_prior(), prior)
     assert len(prior) == len(_worker(cfg, _silo(grid.contexts[11]))[1].item_text)
     by_silo = {int(r["silo"]): r for r in rows}
     assert by_silo[0]["accepted"] and by_silo[0]["epsilon"] > 0 and by_silo[0]["release-noise"] > 0
-    assert not by_silo[1]["accepted"] and by_silo[1]["status"] == STATUS_UNSUPPORTED
-    assert not (tmp_path / "silo-1").exists()  # the refusing silo wrote nothing and released nothing
+    assert not by_silo[1]["accepted"] and by_silo[1]["status"] == STATUS_LEDGER_ERROR
+    assert sorted(p.name for p in ledger_path.parent.iterdir()) == ["ledger.json"]  # it released nothing
 
     # No silo releases: the run stops with a message that says why.
     cfg = tiny_config(tiny_bert, **{"popularity-prior": True, "min-nodes": 1})
-    alone = _LocalGrid([_context(cfg, 13, 0, **{"ledger-path": ledger_path})])
-    with pytest.raises(PriorError, match="no silo released.*silo 0: popularity-prior is not supported yet"):
+    alone = _LocalGrid([_context(cfg, 13, 0, **{"ledger-path": str(ledger_path)})])
+    with pytest.raises(PriorError, match="no silo released.*silo 0: .*corrupt privacy ledger"):
         release_prior(alone, cfg, RunDirectory.create(tmp_path / "runs", "s", {}), on_release=rows.extend,
                       timeout=10.0)
+
+
+def test_a_silo_with_a_ledger_file_records_its_release_and_replays_it_within_the_run(tiny_bert, tmp_path):
+    """The release is in the ledger file before the counts leave; asked again in the same run the
+    silo sends the same counts at no new cost; a new run releases anew and the ledger composes
+    both; training keeps the record; a damaged counts file makes it refuse."""
+    cfg = tiny_config(tiny_bert, **{"popularity-prior": True})
+    path = tmp_path / "ledger.json"
+    silo = SiloConfig(partition_id=0, num_partitions=2, ledger_path=str(path))
+    counts, metrics, ledger_json, error = local_release_durable(cfg, silo, ledger_json=None, run="a")
+    assert error is None and counts is not None and metrics["release-noise"] > 0
+    stored = LedgerFile(path).read()
+    assert stored.popularity.run == "a" and stored.ledger_json == ledger_json
+    assert PrivacyLedger.from_json(stored.ledger_json).epsilon() == pytest.approx(metrics["epsilon"])
+
+    again, metrics_again, _, error = local_release_durable(cfg, silo, ledger_json=None, run="a")
+    assert error is None and metrics_again == metrics
+    np.testing.assert_array_equal(again, counts)  # the same noise: nothing new released or spent
+    assert LedgerFile(path).read().ledger_json == ledger_json
+
+    # Training in the same run composes with the release and keeps its record.
+    model, _ = build_model(cfg)
+    state = {k: v.numpy().copy() for k, v in model.trainable_state().items()}
+    prior = popularity_prior([counts], [metrics["release-noise"]])  # what the server sends back
+    _, trained, _, error = local_train_durable(cfg, silo, state, ledger_json=None, run="a", server_round=1,
+                                               prior=prior)
+    assert error is None and trained["epsilon"] > metrics["epsilon"]
+    assert LedgerFile(path).read().popularity.run == "a"
+
+    # A new run releases anew: other noise, and the ledger composes it with everything before.
+    fresh, metrics_b, _, error = local_release_durable(cfg, silo, ledger_json=None, run="b")
+    assert error is None and not np.array_equal(fresh, counts) and metrics_b["epsilon"] > trained["epsilon"]
+    history = PrivacyLedger.from_json(LedgerFile(path).read().ledger_json).history
+    assert sum(1 for sigma, rate, steps in history if rate == 1.0 and steps == 1) == 2
+
+    # The stored counts damaged: asked again, the silo refuses rather than release something else.
+    LedgerFile(path).popularity_path.write_bytes(b"damaged")
+    refused, metrics_c, _, error = local_release_durable(cfg, silo, ledger_json=None, run="b")
+    assert refused is None and metrics_c["status"] == STATUS_LEDGER_ERROR and "unreadable released counts" in error
 
 
 def _release_reply(metrics: dict, counts: np.ndarray, *, node: int = 7, extra: dict | None = None) -> Message:

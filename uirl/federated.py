@@ -19,6 +19,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from uirl.model import InterestModel, TextBank
 from uirl.model.build import build_model
 from uirl.privacy import PrivacyLedger, plan_noise_multiplier
 from uirl.privacy.accountant import PrivacyError
-from uirl.privacy.ledger_file import LedgerFile, Release, digest_arrays
+from uirl.privacy.ledger_file import LedgerFile, PopularityRelease, Release, digest_arrays
 from uirl.errors import UirlError
 from uirl.model.vector_cache import load_catalogue_vectors
 from uirl.privacy.dp_sgd import secure_sampling_rng
@@ -94,6 +95,7 @@ RELEASE_REPLY_KEYS = {
     STATUS_OK: RELEASE_METRICS,
     STATUS_REPLAY_REFUSED: RELEASE_METRICS - {"release-noise"},  # released before: nothing new, nothing spent
     STATUS_UNSUPPORTED: frozenset({"status", "silo"}),  # refused before reading the ledger
+    STATUS_LEDGER_ERROR: frozenset({"status", "silo"}),  # its ledger file is damaged: fail closed
 }
 
 
@@ -237,23 +239,41 @@ def local_release(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None
         ledger.to_json()
 
 
-def local_release_durable(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None
+def local_release_durable(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None, run: str = ""
                           ) -> tuple[np.ndarray | None, dict[str, float], str | None, str | None]:
     """:func:`local_release` as the ClientApp calls it: never a release the silo's ledger does not record.
 
     ``ledger_json`` is the ledger the node's state holds, the same one :func:`local_train_durable`
     continues from, so the release composes with the silo's later DP-SGD steps. A silo that keeps
-    its ledger in a file (``ledger-path``) refuses under DP: the file does not record releases yet.
-    Returns (counts or None if refused, metrics, new ledger JSON, error message saying why it refused).
+    its ledger in a file (``ledger-path``) records the release there (counts first, then the
+    ledger) before the counts leave it; asked again in the same ``run`` it sends the stored counts
+    (no new cost), in a new run it releases anew and the ledger composes both. A damaged file
+    makes it refuse (fail closed). Returns (counts or None if refused, metrics, new ledger JSON,
+    error message saying why it refused).
     """
-    if cfg.privacy.enabled and silo_cfg.ledger_path:
-        return None, {"status": float(STATUS_UNSUPPORTED), "silo": float(silo_cfg.partition_id)}, None, (
-            "popularity-prior is not supported yet for a silo with a ledger-path (its ledger file does not "
-            "record the release); run without popularity-prior")
+    file = LedgerFile(silo_cfg.ledger_path) if silo_cfg.ledger_path and cfg.privacy.enabled else None
+    stored = None
+    if file is not None:
+        try:
+            stored = file.read()
+            if stored is not None and stored.popularity is not None and stored.popularity.run == run:
+                return file.released_counts(stored.popularity), dict(stored.popularity.metrics), \
+                    stored.ledger_json, None
+        except PrivacyError as exc:
+            return None, {"status": float(STATUS_LEDGER_ERROR), "silo": float(silo_cfg.partition_id)}, None, \
+                _ledger_reason(exc, silo_cfg)
+        ledger_json = stored.ledger_json if stored else None
+        if ledger_json and stored.popularity is not None:  # released in an earlier run: a new run releases anew
+            ledger = PrivacyLedger.from_json(ledger_json)
+            ledger.popularity_released = False
+            ledger_json = ledger.to_json()
     counts, metrics, new_ledger_json = local_release(cfg, silo_cfg, ledger_json=ledger_json)
     if counts is None:
         return None, metrics, new_ledger_json, ("this silo already released its popularity counts in this run; "
                                                 "refusing to release twice")
+    if file is not None and new_ledger_json is not None:
+        file.write_popularity(new_ledger_json, PopularityRelease(run=run, counts_digest=digest_arrays(
+            {"counts": counts}), metrics=metrics), counts, release=stored.release if stored else None)
     return counts, metrics, new_ledger_json, None
 
 
@@ -338,6 +358,16 @@ def released_update(cfg: Config, silo_cfg: SiloConfig, arrays: dict[str, np.ndar
     return encode_update(arrays, global_state, cfg.federation.compression, rng=rng)
 
 
+def _ledger_reason(exc: Exception, silo_cfg: SiloConfig) -> str:
+    """Why a damaged ledger file makes the silo refuse, as the server may read it: the silo's own
+    folder is named ``<ledger folder>`` (its path says how the silo's machine is laid out, and the
+    refusal leaves the silo); the silo's console gets the full text."""
+    text = str(exc)
+    print(f"uirl: silo {silo_cfg.partition_id} refuses: {text}", flush=True)
+    folder = str(Path(silo_cfg.ledger_path).parent) if silo_cfg.ledger_path else ""
+    return text.replace(folder, "<ledger folder>") if folder and folder != "." else text
+
+
 def _refuse(status: int, why: str, silo_cfg: SiloConfig) -> tuple[None, dict[str, float], None, str]:
     return None, {"status": float(status), "silo": float(silo_cfg.partition_id), "steps": 0.0}, None, why
 
@@ -359,14 +389,15 @@ def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[st
     See :mod:`uirl.privacy.ledger_file` for the replay/refuse rule.
     """
     file = LedgerFile(silo_cfg.ledger_path) if silo_cfg.ledger_path and cfg.privacy.enabled else None
-    release = None
+    release = popularity = None
     if file is not None:
         try:
             stored = file.read()
         except PrivacyError as exc:
-            return _refuse(STATUS_LEDGER_ERROR, str(exc), silo_cfg)
+            return _refuse(STATUS_LEDGER_ERROR, _ledger_reason(exc, silo_cfg), silo_cfg)
         ledger_json = stored.ledger_json if stored else None
         release = stored.release if stored else None
+        popularity = stored.popularity if stored else None
     if cfg.privacy.enabled and expected_rounds:
         have = PrivacyLedger.from_json(ledger_json).rounds if ledger_json else 0
         if have < expected_rounds:
@@ -378,7 +409,7 @@ def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[st
             try:
                 return file.released_arrays(release), {**release.metrics, "replayed": 1.0}, ledger_json, None
             except PrivacyError as exc:
-                return _refuse(STATUS_LEDGER_ERROR, str(exc), silo_cfg)
+                return _refuse(STATUS_LEDGER_ERROR, _ledger_reason(exc, silo_cfg), silo_cfg)
         return _refuse(STATUS_REPLAY_REFUSED, f"round {server_round} of run {run!r} asked for after round "
                        f"{release.round} was released (with another global model); refusing to release twice",
                        silo_cfg)
@@ -387,7 +418,8 @@ def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[st
     arrays = released_update(cfg, silo_cfg, arrays, global_state, server_round=server_round)
     if file is not None and arrays is not None and new_ledger_json is not None:
         file.write(new_ledger_json, Release(run=run, round=server_round, input_digest=digest,
-                                            update_digest=digest_arrays(arrays), metrics=metrics), arrays)
+                                            update_digest=digest_arrays(arrays), metrics=metrics), arrays,
+                   popularity=popularity)
     return arrays, metrics, new_ledger_json, None
 
 

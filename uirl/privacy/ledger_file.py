@@ -7,14 +7,19 @@ record, independent of anything the server says. It holds
 - ``release``  which update was released last: run name, round, a digest of the global model it
                was computed from, its metrics, and the file holding its arrays
                (``<ledger-path>.release.safetensors``, next to the ledger);
-- ``checksum`` a SHA-256 of the two, so a damaged file is detected rather than believed.
+- ``popularity`` (when the run has the private popularity prior) which popularity release was made
+               last: run name, a digest of the noised counts, its metrics, and the file holding the
+               counts (``<ledger-path>.popularity.safetensors``);
+- ``checksum`` a SHA-256 of these, so a damaged file is detected rather than believed.
 
 Ordering is what makes a crash harmless: the released arrays are written first, then the ledger
 (each atomically, temp file + rename), and only then does the update leave the silo. So the ledger
 always covers every update that was ever released. If the server asks again for a round this silo
 already released in the same run (it crashed and resumed), the silo **replays** the stored update
 when the global model is the same, and **refuses** otherwise: the same round is never paid for twice
-and never answered with two different updates. A ledger that is corrupt, or missing while the
+and never answered with two different updates. The popularity release follows the same rule: asked
+again in the same run, the silo sends the stored counts (the same noise: no new cost); a new run
+releases anew, and the ledger composes both. A ledger that is corrupt, or missing while the
 released-update file next to it shows it existed, makes the silo refuse to train (fail closed).
 """
 
@@ -60,16 +65,39 @@ class Release:
 
 
 @dataclass(frozen=True)
+class PopularityRelease:
+    run: str
+    counts_digest: str  # digest of the released (noised) counts
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
 class StoredLedger:
     ledger_json: str
     rounds: int
     release: Release | None
+    popularity: PopularityRelease | None = None
+
+
+_COUNTS = "counts"
+
+
+def _body(ledger_json: str, release: Release | None, popularity: PopularityRelease | None) -> dict:
+    body = {"ledger": json.loads(ledger_json),
+            "release": None if release is None else {
+                "run": release.run, "round": release.round, "input-digest": release.input_digest,
+                "update-digest": release.update_digest, "metrics": release.metrics}}
+    if popularity is not None:  # absent, not null, so that files written before it keep their checksum
+        body["popularity"] = {"run": popularity.run, "counts-digest": popularity.counts_digest,
+                              "metrics": popularity.metrics}
+    return body
 
 
 class LedgerFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.release_path = self.path.with_name(self.path.name + ".release.safetensors")
+        self.popularity_path = self.path.with_name(self.path.name + ".popularity.safetensors")
 
     def read(self) -> StoredLedger | None:
         """The stored ledger, or None for a silo that never released anything.
@@ -77,15 +105,18 @@ class LedgerFile:
         Raises :class:`PrivacyError` (fail closed) if the file is damaged, or missing although a
         released update next to it shows that it existed."""
         if not self.path.exists():
-            if self.release_path.exists():
-                raise PrivacyError(f"{self.path}: privacy ledger missing although {self.release_path.name} "
-                                   "shows this silo released updates; refusing to train")
+            for shown in (self.release_path, self.popularity_path):
+                if shown.exists():
+                    raise PrivacyError(f"{self.path}: privacy ledger missing although {shown.name} "
+                                       "shows this silo released data; refusing to train")
             return None
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
             body = {"ledger": data["ledger"], "release": data["release"]}
+            if "popularity" in data:
+                body["popularity"] = data["popularity"]
             if data.get("checksum") != _checksum(body):
                 raise ValueError("checksum mismatch")
             ledger_json = json.dumps(data["ledger"], sort_keys=True)
@@ -94,21 +125,45 @@ class LedgerFile:
             release = None if rel is None else Release(
                 run=str(rel["run"]), round=int(rel["round"]), input_digest=str(rel["input-digest"]),
                 update_digest=str(rel["update-digest"]), metrics={k: float(v) for k, v in rel["metrics"].items()})
+            pop = data.get("popularity")
+            popularity = None if pop is None else PopularityRelease(
+                run=str(pop["run"]), counts_digest=str(pop["counts-digest"]),
+                metrics={k: float(v) for k, v in pop["metrics"].items()})
         except PrivacyError:
             raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise PrivacyError(f"{self.path}: corrupt privacy ledger ({exc}); refusing to train") from None
-        return StoredLedger(ledger_json=ledger_json, rounds=ledger.rounds, release=release)
+        return StoredLedger(ledger_json=ledger_json, rounds=ledger.rounds, release=release, popularity=popularity)
 
-    def write(self, ledger_json: str, release: Release, arrays: dict[str, np.ndarray]) -> None:
-        """Record a release: arrays first, then the ledger that accounts for them (both atomic)."""
+    def write(self, ledger_json: str, release: Release, arrays: dict[str, np.ndarray], *,
+              popularity: PopularityRelease | None = None) -> None:
+        """Record a release: arrays first, then the ledger that accounts for them (both atomic).
+        ``popularity``: the popularity release the file already records, kept."""
         with atomic_file(self.release_path) as tmp:
             save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, str(tmp))
-        body = {"ledger": json.loads(ledger_json),
-                "release": {"run": release.run, "round": release.round, "input-digest": release.input_digest,
-                            "update-digest": release.update_digest, "metrics": release.metrics}}
+        self._write_ledger(_body(ledger_json, release, popularity))
+
+    def write_popularity(self, ledger_json: str, popularity: PopularityRelease, counts: np.ndarray, *,
+                         release: Release | None) -> None:
+        """Record a popularity release: the counts first, then the ledger that accounts for them.
+        ``release``: the update release the file already records, kept."""
+        with atomic_file(self.popularity_path) as tmp:
+            save_file({_COUNTS: torch.from_numpy(np.ascontiguousarray(counts))}, str(tmp))
+        self._write_ledger(_body(ledger_json, release, popularity))
+
+    def _write_ledger(self, body: dict) -> None:
         atomic_write_text(self.path, json.dumps({"format": FORMAT, **body, "checksum": _checksum(body)},
                                                 indent=2, sort_keys=True) + "\n")
+
+    def released_counts(self, popularity: PopularityRelease) -> np.ndarray:
+        """The counts of ``popularity``, checked against its digest."""
+        try:
+            counts = load_file(str(self.popularity_path))[_COUNTS].numpy()
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise PrivacyError(f"{self.popularity_path}: unreadable released counts ({exc}); refusing") from None
+        if digest_arrays({_COUNTS: counts}) != popularity.counts_digest:
+            raise PrivacyError(f"{self.popularity_path}: released counts do not match the ledger; refusing")
+        return counts
 
     def released_arrays(self, release: Release) -> dict[str, np.ndarray]:
         """The arrays of ``release``, checked against its digest."""
