@@ -100,6 +100,9 @@ class ValidatingFedAvg(FedAvg):
         self.prior = prior
         self._global: dict[str, np.ndarray] = {}
         self._asked: dict[str, list[int]] = {"train": [], "evaluate": []}  # the nodes the last message went to
+        #: Nodes that missed ``reply-timeout``: their message may still be running, and a newer one
+        #: would start from the node state (the privacy ledger) before it, so they are not asked again.
+        self._silent: set[int] = set()
         if cfg.federation.central_dp:
             _announce_central_dp(cfg)
 
@@ -115,25 +118,32 @@ class ValidatingFedAvg(FedAvg):
                         ) -> Iterable[Message]:
         self._global = _as_numpy(arrays)
         messages = list(super().configure_train(server_round, self.outgoing(arrays), config, grid))
-        self._asked["train"] = [m.metadata.dst_node_id for m in messages]
-        return messages
+        self._asked["train"] = [m.metadata.dst_node_id for m in messages]  # a silent node counts, unanswered
+        return self._not_silent(messages)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
         messages = list(super().configure_evaluate(server_round, self.outgoing(arrays), config, grid))
         self._asked["evaluate"] = [m.metadata.dst_node_id for m in messages]
-        return messages
+        return self._not_silent(messages)
+
+    def _not_silent(self, messages: Iterable[Message]) -> list[Message]:
+        return [m for m in messages if m.metadata.dst_node_id not in self._silent]
 
     def _warn_silent(self, server_round: int, task: str, replies: list[Message]) -> None:
         """Name on the console each node asked that sent no reply within ``reply-timeout`` (Flower's
-        ``send_and_receive`` returns without it): it is left out of the round, with no row."""
+        ``send_and_receive`` returns without it): it is left out of the round, with no row, and sent
+        nothing more in this run; later rounds count it as asked and silent (so ``min-nodes`` still
+        counts it as missing)."""
         replied = {m.metadata.src_node_id for m in replies}
         for node in self._asked[task]:
-            if node not in replied:
+            if node not in replied and node not in self._silent:  # a silent node was named when it fell silent
                 label = self.checker.label(node)
                 log_warning(f"round {server_round}: node {node}{'' if label is None else f' (silo {label})'} sent "
                             f"no {task} reply within reply-timeout ({self.cfg.federation.reply_timeout:g} s): "
-                            "left out of the round")
+                            "left out of the round and not asked again in this run (its message may still be "
+                            "running; a newer one would start from its privacy ledger before it)")
+                self._silent.add(node)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -169,15 +169,19 @@ def test_a_silo_that_sends_no_reply_in_time_is_named_and_counted(tmp_path, monke
     new = fed.train(2, bad={4: SILENT})
     for name, value in _clean([0, 1, 2, 3]).items():
         np.testing.assert_allclose(new[name], value, rtol=1e-6)
-    assert f"round 2: node {NODES[4]} (silo 4) sent no train reply within reply-timeout (3600 s): left out of the " \
-           "round" in said
+    assert any(line.startswith(f"round 2: node {NODES[4]} (silo 4) sent no train reply within reply-timeout "
+                               "(3600 s): left out of the round and not asked again in this run") for line in said)
     assert not [r for r in fed.privacy_rows() if r["round"] == 2 and r["node-id"] == str(NODES[4])]
     row = fed.evaluate(2)
     assert (row["silos-trained"], row["silos-replied"], row["silos-rejected"], row["silos-no-reply"]) == (4, 4, 0, 1)
     assert "silos=4/4 (1 no reply)" in round_line(row)
+    # Silo 4's late message may still be running: it is sent nothing more in this run, and counts
+    # as asked and silent, so that min-nodes still misses it.
+    sent = [m.metadata.dst_node_id for m in fed.strategy.configure_train(3, fed.arrays, ConfigRecord(), _Grid())]
+    assert sorted(sent) == sorted(NODES[:4])
     with pytest.raises(RunFailed, match=r"2 valid update\(s\) from 5 silo\(s\) asked.*0 refused, 3 sent no reply "
                                         r"within reply-timeout"):
-        fed.train(3, bad={2: SILENT, 3: SILENT, 4: SILENT})
+        fed.train(3, bad={2: SILENT, 3: SILENT})
 
 
 @pytest.mark.parametrize("value, expected", [(0, "a number of seconds > 0"), (-1.0, "a number of seconds > 0"),
