@@ -109,11 +109,12 @@ class _Recorder:
         print(round_line(row), flush=True)
 
 
-def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder, prior: np.ndarray | None = None
-                   ) -> Strategy:
+def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder, prior: np.ndarray | None = None,
+                   silent: set[int] | None = None) -> Strategy:
     fed = cfg.federation
     return ValidatingFedAvg(
         cfg=cfg, trainable=trainable, on_train=recorder.on_train, on_evaluate=recorder.on_evaluate, prior=prior,
+        silent=silent,
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=2 if fed.secagg else 1, min_evaluate_nodes=1, min_available_nodes=fed.min_nodes)
 
@@ -160,13 +161,16 @@ def _evaluates(cfg: Config, server_round: int) -> bool:
     return server_round in (0, fed.num_rounds) or server_round % fed.eval_every == 0
 
 
-def _prior(grid: Grid, cfg: Config, run: RunDirectory, recorder: _Recorder) -> np.ndarray | None:
-    """The run's popularity prior: released by the silos on a fresh run, read back on a resumed one."""
+def _prior(grid: Grid, cfg: Config, run: RunDirectory, recorder: _Recorder, silent: set[int]
+           ) -> np.ndarray | None:
+    """The run's popularity prior: released by the silos on a fresh run, read back on a resumed one.
+    ``silent`` receives the nodes that did not answer the release in time."""
     if not cfg.model.popularity_prior:
         return None
     if cfg.federation.resume:
         return run.load_prior()
-    return release_prior(grid, cfg, run, on_release=recorder.on_release, timeout=cfg.federation.reply_timeout)
+    return release_prior(grid, cfg, run, on_release=recorder.on_release, timeout=cfg.federation.reply_timeout,
+                         on_silent=silent.add)
 
 
 @app.main()
@@ -185,7 +189,8 @@ def main(grid: Grid, context: Context) -> None:
         wait_for_nodes(grid, fed.min_nodes, timeout=fed.node_wait_timeout)
 
     nodes_ready()
-    strategy = build_strategy(cfg, trainable, recorder, _prior(grid, cfg, run, recorder))
+    silent: set[int] = set()
+    strategy = build_strategy(cfg, trainable, recorder, _prior(grid, cfg, run, recorder, silent), silent)
     arrays = ArrayRecord({name: Array(value) for name, value in state.items()})
 
     def write_adapter(directory, values: dict[str, np.ndarray]) -> None:

@@ -105,11 +105,12 @@ def _catalogue(answers: list[Message]) -> int | None:
 
 
 def release_prior(grid: Grid, cfg: Config, run: RunDirectory, *, on_release: Callable[[list[dict]], None],
-                  timeout: float) -> np.ndarray:
+                  timeout: float, on_silent: Callable[[int], None] = lambda node: None) -> np.ndarray:
     """Ask every connected silo for its release, build the prior, save it in ``run``; return it.
 
-    ``on_release`` receives the privacy row of every reply (keyed by ``node-id``). Raises
-    :class:`PriorError` if no silo released usable counts."""
+    ``on_release`` receives the privacy row of every reply (keyed by ``node-id``); ``on_silent``
+    each node that sent no reply within ``timeout`` (its release may still be running: the strategy
+    sends it nothing more). Raises :class:`PriorError` if no silo released usable counts."""
     _, nodes = sample_nodes(grid, cfg.federation.min_nodes, 0)
     answers = list(grid.send_and_receive(
         [Message(RecordDict({"config": ConfigRecord({"run-name": run.path.name})}), dst_node_id=node,
@@ -118,7 +119,11 @@ def release_prior(grid: Grid, cfg: Config, run: RunDirectory, *, on_release: Cal
     replies = sorted((_read(cfg, msg, catalogue) for msg in answers), key=lambda r: r.metrics.get("silo", math.inf))
     on_release([r.metrics for r in replies])
     replied = {msg.metadata.src_node_id for msg in answers}
-    left_out = [(f"node {node}", "no reply") for node in nodes if node not in replied]
+    left_out = []
+    for node in nodes:
+        if node not in replied:
+            on_silent(node)
+            left_out.append((f"node {node}", f"no reply within reply-timeout ({timeout:g} s); not asked again in this run"))
     left_out += [(r.who, r.why) for r in replies if r.counts is None]
     released = [r for r in replies if r.counts is not None]
     if not released:

@@ -90,7 +90,7 @@ def silo_reply(msg: Message) -> SiloReply:
 class ValidatingFedAvg(FedAvg):
     def __init__(self, *, cfg: Config, trainable: set[str], on_train: Callable[[int, list[dict], int], None],
                  on_evaluate: Callable[[int, list[dict], dict], None], prior: np.ndarray | None = None,
-                 **kwargs) -> None:
+                 silent: set[int] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.cfg = cfg
         self.trainable = trainable
@@ -102,7 +102,7 @@ class ValidatingFedAvg(FedAvg):
         self._asked: dict[str, list[int]] = {"train": [], "evaluate": []}  # the nodes the last message went to
         #: Nodes that missed ``reply-timeout``: their message may still be running, and a newer one
         #: would start from the node state (the privacy ledger) before it, so they are not asked again.
-        self._silent: set[int] = set()
+        self._silent: set[int] = set(silent or ())
         if cfg.federation.central_dp:
             _announce_central_dp(cfg)
 

@@ -139,6 +139,31 @@ def test_the_server_builds_the_prior_without_a_silo_that_refuses(tiny_bert, flow
                       timeout=10.0)
 
 
+def test_a_silo_that_does_not_answer_the_release_in_time_is_asked_nothing_more(tiny_bert, flower_task, tmp_path,
+                                                                               capsys):
+    """Its release may still be running (and would land in its node state after a newer message
+    started from the state before it): the strategy sends that node no training or evaluation."""
+    from server.app import _Recorder, build_strategy
+
+    cfg = tiny_config(tiny_bert, **{"popularity-prior": True, "min-nodes": 1})
+
+    class _SilentNode(_LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            return [client_app(m, self.contexts[m.metadata.dst_node_id]) for m in messages
+                    if m.metadata.dst_node_id != 12]
+
+    grid = _SilentNode([_context(cfg, 11, 0), _context(cfg, 12, 1)])
+    run = RunDirectory.create(tmp_path / "runs", "r", {})
+    silent: set[int] = set()
+    prior = release_prior(grid, cfg, run, on_release=lambda rows: None, timeout=5.0, on_silent=silent.add)
+    assert silent == {12} and "node 12: no reply within reply-timeout (5 s); not asked again" in capsys.readouterr().out
+    model, _ = build_model(cfg)
+    strategy = build_strategy(cfg, set(model.trainable_state()), _Recorder(run), prior, silent)
+    arrays = ArrayRecord({n: Array(v.numpy()) for n, v in model.adapter_state().items()})
+    for configure in (strategy.configure_train, strategy.configure_evaluate):
+        assert [m.metadata.dst_node_id for m in configure(1, arrays, ConfigRecord(), grid)] == [11]
+
+
 def test_a_silo_with_a_ledger_file_records_its_release_and_replays_it_within_the_run(tiny_bert, tmp_path):
     """The release is in the ledger file before the counts leave; asked again in the same run the
     silo sends the same counts at no new cost; a new run releases anew and the ledger composes
