@@ -206,3 +206,25 @@ def test_bad_part_settings_name_the_key(overrides, field):
     with pytest.raises(ConfigError) as err:
         from_run_config(overrides)
     assert err.value.field == field
+
+
+def test_encoder_dropout_off_makes_training_passes_deterministic(tiny_bert, tmp_path):
+    """``encoder-dropout = false`` builds the base encoder with every dropout probability at 0: two
+    forward passes in training mode agree, where with dropout on (p = 0.3 here) they do not."""
+    import json
+    import shutil
+
+    from uirl.model.encoder import load_encoder
+
+    model_dir = tmp_path / "tiny-with-dropout"
+    shutil.copytree(tiny_bert, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    ids = torch.tensor([[2, 5, 6, 7, 3]])
+    mask = torch.ones_like(ids)
+    for dropout, differ in ((True, True), (False, False)):
+        cfg = tiny_config(str(model_dir), **{"train-mode": "lora", "encoder-dropout": dropout})
+        model = load_encoder(cfg.model).model.train()
+        first, second = (model(input_ids=ids, attention_mask=mask).last_hidden_state for _ in range(2))
+        assert (not torch.equal(first, second)) == differ, dropout

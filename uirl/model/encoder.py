@@ -105,6 +105,19 @@ def lora_targets(model_type: str, configured: str) -> list[str]:
     return _LORA_TARGETS[model_type]
 
 
+#: The dropout probabilities of the model families uirl knows (BERT-style, Llama/Qwen-style, GPT-2).
+_DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "hidden_dropout",
+                   "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout")
+
+
+def without_dropout(hf_config) -> None:
+    """Set every dropout probability of ``hf_config`` that the model reads to 0 (``encoder-dropout =
+    false``): the modules are built without dropout, in ``nn.Dropout`` layers and in attention alike."""
+    for field in _DROPOUT_FIELDS:
+        if isinstance(getattr(hf_config, field, None), (int, float)):
+            setattr(hf_config, field, 0.0)
+
+
 def load_encoder(cfg: ModelConfig, *, seed: int = 0) -> Encoder:
     """Load the base model frozen, add LoRA (FFA-LoRA: A frozen) deterministically from ``seed``.
 
@@ -118,8 +131,10 @@ def load_encoder(cfg: ModelConfig, *, seed: int = 0) -> Encoder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         hf_config = AutoConfig.from_pretrained(path)
+        if not cfg.encoder_dropout:
+            without_dropout(hf_config)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        base = AutoModel.from_pretrained(path, dtype=torch.float32)
+        base = AutoModel.from_pretrained(path, config=hf_config, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the encoder offline ({type(exc).__name__}: {str(exc).splitlines()[0]})",
                           field="model-name", value=cfg.name) from None
