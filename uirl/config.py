@@ -50,8 +50,8 @@ class ModelConfig:
     lora_alpha: float = _key("lora-alpha", 16.0, "LoRA scaling alpha")
     lora_dropout: float = _key("lora-dropout", 0.0, "LoRA dropout")
     encoder_dropout: bool = _key(
-        "encoder-dropout", True, "the base encoder's own dropout while the LoRA adapters train (`lora` mode; "
-        "false: its dropout probabilities set to 0)")
+        "encoder-dropout", False, "the base encoder's own dropout while the LoRA adapters train (`lora` mode; "
+        "false: its dropout probabilities set to 0, a faster step at the same test AUC, see Performance)")
     lora_targets: str = _key(
         "lora-targets", "auto",
         "comma-separated module names, or `auto` (query/value for BERT-style, q_proj/v_proj for Llama/Qwen-style)")
