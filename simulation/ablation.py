@@ -82,7 +82,7 @@ def flower(overrides: dict[str, object], num_silos: int, *, log) -> tuple[dict[s
     name = f"ablation-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
     status, _ = run(supernodes=num_silos, run_config=format_overrides({**overrides, "run-name": name}),
-                    cpus_per_client=1.0, log=ConciseLog())
+                    cpus_per_client=1, log=ConciseLog())
     wall = time.perf_counter() - t0
     if status != "finished:completed":
         raise RuntimeError(f"flwr run ended with status {status}")

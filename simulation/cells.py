@@ -42,7 +42,7 @@ def _flower_federated(cfg: Config, run_config: dict[str, Any], num_silos: int) -
 
     with tempfile.TemporaryDirectory(prefix="uirl-sweep-") as tmp:
         overrides = {**run_config, "run-dir": tmp, "run-name": "cell", "min-nodes": num_silos}
-        status, _ = run(supernodes=num_silos, run_config=format_overrides(overrides), cpus_per_client=1.0,
+        status, _ = run(supernodes=num_silos, run_config=format_overrides(overrides), cpus_per_client=1,
                         log=io.StringIO())
         if status != "finished:completed":
             raise UirlError(f"flwr run of a sweep cell ended with status {status}")

@@ -11,7 +11,7 @@ from uirl.launch.processes import ROOT  # noqa: F401
 from uirl.launch.simulation import CONFIG_TOML, run_simulation, stop_superlink  # noqa: F401
 
 
-def run(*, supernodes: int, run_config: str | None, cpus_per_client: float, app: Path | None = None,
+def run(*, supernodes: int, run_config: str | None, cpus_per_client: int, app: Path | None = None,
         flwr_home: Path | None = None, log=sys.stdout) -> tuple[str, str]:
     """Run the app; return (final status, everything the run printed)."""
     result = run_simulation(supernodes=supernodes, run_config=run_config, cpus_per_client=cpus_per_client,

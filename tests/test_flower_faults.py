@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shutil
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +59,7 @@ def _run(tmp_path: Path, model_path: str, *, supernodes: int, faults: dict[str, 
                   f"run-dir='{tmp_path / 'runs'}' run-name='{run_name}' {extra}")
     log = io.StringIO()
     result = run_simulation(supernodes=supernodes, run_config=run_config, app=_app(tmp_path, faults),
-                            cpus_per_client=min(1.0, (os.cpu_count() or 1) / 2),  # two silos at a time
+                            cpus_per_client=1,
                             flwr_home=tmp_path / "flwr-home", log=ConciseLog(log))
     return result, tmp_path / "runs" / run_name
 

@@ -113,7 +113,7 @@ def anatomy_section(tiny_model: str, *, silos: int, rounds: int, users_per_silo:
     log(f"anatomy: flwr run, {silos} silos x {rounds} rounds")
     launched = time.time()
     with RunWatcher(run_dir / "anatomy") as watcher, memory:
-        result = run_simulation(supernodes=silos, run_config=overrides, cpus_per_client=1.0, flwr_home=flwr_home,
+        result = run_simulation(supernodes=silos, run_config=overrides, cpus_per_client=1, flwr_home=flwr_home,
                                 log=io.StringIO())
     returned = time.time()
     if result.status != "finished:completed":

@@ -45,10 +45,9 @@ def machine() -> dict:
     Read from package metadata, so nothing (Flower included) is imported to learn its version."""
     import torch
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    from uirl.threads import usable_cores
+
+    usable = usable_cores()
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):

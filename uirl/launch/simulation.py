@@ -79,7 +79,7 @@ def run_simulation(*, supernodes: int, run_config: str | None, cpus_per_client: 
     run_info = scratch / "run-info.json"
     env[RUN_INFO_ENV] = str(run_info)
     cmd = [executable("flwr"), "run", str(app), "local", "--stream", "--federation-config",
-           f"num-supernodes={supernodes} client-resources-num-cpus={int(cpus_per_client)} "
+           f"num-supernodes={supernodes} client-resources-num-cpus={cpus_per_client} "
            "client-resources-num-gpus=0.0"]
     if run_config:
         cmd += ["--run-config", run_config]
