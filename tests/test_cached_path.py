@@ -16,7 +16,7 @@ import torch
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from helpers import tiny_config
-from test_privacy import ALL_PARTS, EXAMPLES, ITEMS, _full_examples
+from test_privacy import ALL_PARTS, EXAMPLES, ITEMS, OWNERS, SEVERAL, _full_examples, user_mean_loop
 from uirl.config import SiloConfig
 from uirl.engine import popularity_prior, run_federated
 from uirl.federated import _worker, local_release, local_train
@@ -92,6 +92,27 @@ def test_cached_per_user_gradients_equal_a_per_user_loop(tiny_model, parts):
                 torch.testing.assert_close(p.grad_sample[b], expected[b][name], rtol=1e-7, atol=1e-10, msg=name)
             checked += 1
         assert checked >= 6
+    finally:
+        pug.close()
+
+
+def test_cached_per_user_gradients_of_several_examples_equal_a_per_user_loop(tiny_model):
+    cfg, model, bank = _cached_model(tiny_model)
+    model.train()
+
+    def vectors(batch):
+        return row_vectors(model, bank, batch.row_keys).double()
+
+    expected = user_mean_loop(model, bank, SEVERAL, OWNERS, vectors)
+    batch = bank.make_batch(SEVERAL, tokens=False, owners=OWNERS)
+    pug = PerUserGradients(model)
+    try:
+        pug.backward(pug.loss(batch, vectors(batch)) * batch.example_weight(), batch)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert p.grad_sample.shape == (3, *p.shape), name
+                for u in range(3):
+                    torch.testing.assert_close(p.grad_sample[u], expected[u][name], rtol=1e-7, atol=1e-10, msg=name)
     finally:
         pug.close()
 
@@ -206,6 +227,25 @@ def test_federated_cached_run_with_prior_learns_and_stays_within_budget(tiny_ber
     with pytest.raises(Exception):
         popularity_prior([np.zeros(3), np.zeros(4)])
     assert math.isfinite(rows[-1]["auc"])
+
+
+def test_several_examples_per_user_train_at_the_same_privacy_cost(tiny_bert):
+    # A user's examples make one clipped gradient: the round's steps, noise and epsilon are those
+    # of one example per user, and the examples reach training (the update differs).
+    out = {}
+    for each in (1, 4):
+        cfg = tiny_config(tiny_bert, **CACHED, **{"user-examples": each, "batch-users": 30, "lr": 0.01})
+        silo = SiloConfig(0, 2)
+        initial = {k: v.numpy().copy() for k, v in _worker(cfg, silo)[0].model.trainable_state().items()}
+        counts, release, ledger = local_release(cfg, silo, ledger_json=None)
+        prior = popularity_prior([counts], [release["release-noise"]])
+        arrays, metrics, ledger = local_train(cfg, silo, initial, ledger_json=ledger, server_round=1, prior=prior)
+        out[each] = arrays, metrics, PrivacyLedger.from_json(ledger)
+    (one, m1, l1), (four, m4, l4) = out[1], out[4]
+    assert (l1.steps, l1.noise_multiplier, l1.sample_rate) == (l4.steps, l4.noise_multiplier, l4.sample_rate)
+    assert m1["epsilon"] == m4["epsilon"] and math.isfinite(m4["epsilon"])
+    assert all(np.all(np.isfinite(v)) for v in four.values())
+    assert any(not np.array_equal(one[k], four[k]) for k in one)
 
 
 def test_the_noisy_prior_shrinks_noise_made_hits_towards_zero():

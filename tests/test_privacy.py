@@ -84,7 +84,53 @@ def test_per_user_gradients_equal_per_user_loop(tiny_model, ffa):
         pug.close()
 
 
-def _summed_clipped(model, bank, examples, clip):
+#: Three users with 2, 1 and 3 examples each (``user-examples`` gives every user the same number;
+#: uneven counts check the per-user mean harder).
+OWNERS = [0, 0, 1, 2, 2, 2]
+SEVERAL = [EXAMPLES[0], EXAMPLES[1], EXAMPLES[2], EXAMPLES[3], EXAMPLES[1], EXAMPLES[0]]
+
+
+def user_mean_loop(model, bank, examples, owners, vectors=None):
+    """The reference for several examples per user: each user alone, plain autograd on the mean of
+    the user's examples' losses. ``vectors(batch)``: the rows' cached vectors (cached mode)."""
+    grads = []
+    for user in sorted(set(owners)):
+        mine = [e for e, o in zip(examples, owners) if o == user]
+        model.zero_grad(set_to_none=True)
+        batch = bank.make_batch(mine, tokens=vectors is None)
+        model.batch_loss(batch, None if vectors is None else vectors(batch)).mean().backward()
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_several_examples_per_user_give_the_gradient_of_the_users_mean_loss(tiny_model):
+    # LoRA path: per-row gradients are summed into examples, then examples into users.
+    model, bank = _setup(tiny_model, double=True)
+    model.train()
+    expected = user_mean_loop(model, bank, SEVERAL, OWNERS)
+    batch = bank.make_batch(SEVERAL, owners=OWNERS)
+    assert (batch.num_users, batch.num_examples) == (3, 6)
+    pug = PerUserGradients(model)
+    try:
+        pug.backward(pug.loss(batch) * batch.example_weight(), batch)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert p.grad_sample.shape == (3, *p.shape), name
+                for u in range(3):
+                    torch.testing.assert_close(p.grad_sample[u], expected[u][name], rtol=1e-7, atol=1e-10, msg=name)
+    finally:
+        pug.close()
+
+
+def test_owners_must_number_users_in_order(tiny_bert):
+    _, bank = _setup(tiny_bert)
+    for bad in ([1, 1, 2, 3, 3, 3], [0, 2, 2, 3, 3, 3], [0, 1, 0, 1, 2, 2], [0, 0, 1]):
+        with pytest.raises(ValueError, match="owners"):
+            bank.make_batch(SEVERAL, owners=bad)
+
+
+def _summed_clipped(model, bank, examples, clip, owners=None):
     """The DP optimizer's privatised sum with noise 0 (expected batch 1: no averaging)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_dp_optimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, clip_norm=clip,
@@ -92,8 +138,9 @@ def _summed_clipped(model, bank, examples, clip):
     pug = PerUserGradients(model)
     try:
         opt.zero_grad(set_to_none=True)
-        batch = bank.make_batch(examples)
-        pug.backward(pug.loss(batch), batch)
+        batch = bank.make_batch(examples, owners=owners)
+        losses = pug.loss(batch)
+        pug.backward(losses if owners is None else losses * batch.example_weight(), batch)
         opt.pre_step()
         return torch.cat([p.grad.flatten() for p in params])
     finally:
@@ -114,6 +161,21 @@ def test_one_user_changes_the_update_by_at_most_the_clip_norm(tiny_bert):
         assert diff <= clip * (1 + 1e-4)
         # Exactly the user's own gradient, clipped: norm min(C, ||g_u||).
         assert diff == pytest.approx(min(clip, norms[drop]), rel=1e-3, abs=1e-7)
+
+
+def test_one_user_with_several_examples_changes_the_update_by_at_most_the_clip_norm(tiny_bert):
+    model, bank = _setup(tiny_bert)
+    model.train()
+    clip = 0.01
+    with_all = _summed_clipped(model, bank, SEVERAL, clip, OWNERS)
+    norms = [float(torch.cat([g.flatten() for g in grads.values()]).norm())
+             for grads in user_mean_loop(model, bank, SEVERAL, OWNERS)]
+    assert min(norms) > clip
+    for drop in range(3):  # remove every example of one user
+        keep = [(e, o) for e, o in zip(SEVERAL, OWNERS) if o != drop]
+        owners = [o - (o > drop) for _, o in keep]
+        without = _summed_clipped(model, bank, [e for e, _ in keep], clip, owners)
+        assert float((with_all - without).norm()) == pytest.approx(clip, rel=1e-3)
 
 
 def test_dp_step_without_noise_and_clipping_equals_plain_step(tiny_bert):

@@ -217,6 +217,9 @@ class TrainConfig:
     batch_users: int = _key(
         "batch-users", 32, "expected users per local step (Poisson sample rate = batch-users / silo users)")
     local_epochs: float = _key("local-epochs", 1.0, "local steps per round = ceil(local-epochs / sample rate)")
+    user_examples: int = _key(
+        "user-examples", 1, "training examples (random target positions) per sampled user and step; the user's loss "
+        "is their mean, so one user still gives one clipped gradient")
     seed: int = _key(
         "seed", 0, "data, split, candidates and training-example seed (never the DP noise: that comes from the OS)")
     device: str = _key("device", "auto", "`auto`, `cpu`, `cuda` or `cuda:N`")
@@ -233,6 +236,7 @@ class TrainConfig:
         _check(self.torch_threads >= 0, "torch-threads", self.torch_threads, "an integer >= 0 (0: automatic)")
         _check(self.batch_users >= 1, "batch-users", self.batch_users, "an integer >= 1")
         _check(self.local_epochs > 0, "local-epochs", self.local_epochs, "a number > 0")
+        _check(self.user_examples >= 1, "user-examples", self.user_examples, "an integer >= 1")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "device", self.device, "auto, cpu, cuda or cuda:N",

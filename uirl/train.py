@@ -100,10 +100,12 @@ def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
             chosen = [u for u in users if sample_rng.random() < q]
             chosen = [u for u in chosen if len(u.train_items) >= 2]  # too short to make an example
             if chosen or pug is not None:  # without DP, an empty sample is no step at all
+                each = cfg.train.user_examples
                 examples = [training_example(u, cfg, rng=example_rng, all_item_ids=all_items,
-                                             touched=touched[u.user_id]) for u in chosen]
+                                             touched=touched[u.user_id]) for u in chosen for _ in range(each)]
+                owners = [k for k in range(len(chosen)) for _ in range(each)] if each > 1 else None
                 total_loss += train_step(model, bank, examples, optimizer, per_user=pug, expected_users=expected,
-                                         cached=cached, device=device)
+                                         cached=cached, device=device, owners=owners)
                 seen += len(chosen)
                 if ledger is not None:
                     ledger.record(1)
@@ -117,8 +119,10 @@ def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
 
 def train_step(model: InterestModel, bank: TextBank, examples: Sequence[Example], optimizer: torch.optim.Optimizer,
                *, per_user: PerUserGradients | None, expected_users: float, cached: bool,
-               device: torch.device) -> float:
-    """One optimizer step on ``examples`` (one per sampled user); returns the users' summed loss.
+               device: torch.device, owners: Sequence[int] | None = None) -> float:
+    """One optimizer step on ``examples`` (one per sampled user, or several: ``owners[b]`` is the
+    user of example b, see :meth:`TextBank.make_batch`); returns the users' summed loss, a user's
+    loss being the mean of its examples' losses.
 
     With ``per_user`` (DP on; ``optimizer`` from :func:`~uirl.privacy.make_dp_optimizer`) each user's
     gradient is computed on its own, then clipped and noised by the optimizer; no examples is then a
@@ -134,16 +138,17 @@ def train_step(model: InterestModel, bank: TextBank, examples: Sequence[Example]
             raise ValueError("a plain step needs at least one example")
         per_user.empty()  # noise-only step: still one DP step, still accounted
     else:
-        batch = bank.make_batch(examples, tokens=not cached).to(device)
+        batch = bank.make_batch(examples, tokens=not cached, owners=owners).to(device)
         # Cached mode: the rows' vectors come from the frozen encoder's cache. They are functions of
         # public item texts (and the user's own texts) only, so each user's loss still depends on
         # nothing but that user's rows and the shared parameters.
         vectors = row_vectors(model, bank, batch.row_keys).to(device) if cached else None
+        losses = per_user.loss(batch, vectors) if per_user is not None else model.batch_loss(batch, vectors)
+        if (weight := batch.example_weight()) is not None:
+            losses = losses * weight.to(losses)  # a user's loss: the mean of its examples'
         if per_user is not None:
-            losses = per_user.loss(batch, vectors)
             per_user.backward(losses, batch)
         else:
-            losses = model.batch_loss(batch, vectors)
             (losses.sum() / expected_users).backward()
         loss = float(losses.detach().sum())
     optimizer.step()

@@ -106,8 +106,10 @@ class TextBank:
         return input_ids, mask
 
     def make_batch(self, examples: Sequence[Example | tuple[Sequence[str], Sequence[str]]], *,
-                   tokens: bool = True) -> UserBatch:
+                   tokens: bool = True, owners: Sequence[int] | None = None) -> UserBatch:
         """``examples[b]``: an :class:`Example` or ``(history item ids, candidate ids, positive first)``.
+        ``owners[b]``: the user of example b, when users have several examples (0, 0, 1, 1, ...:
+        every user from 0 up, each user's examples together); None: one example per user.
 
         Each user's rows are contiguous: history, candidates, own texts, neighbours' items. Every
         user needs at least one history item; all users need the same number of candidates.
@@ -116,6 +118,11 @@ class TextBank:
         """
         if not examples:
             raise ValueError("make_batch needs at least one user")
+        if owners is not None:
+            owners = list(owners)
+            steps = [b - a for a, b in zip(owners, owners[1:])]
+            if len(owners) != len(examples) or owners[0] != 0 or any(s not in (0, 1) for s in steps):
+                raise ValueError("owners must number the examples' users 0, 1, ... in order, one per example")
         examples = [e if isinstance(e, Example) else Example(tuple(e[0]), tuple(e[1])) for e in examples]
         num_cands = len(examples[0].candidates)
         max_hist = max(len(e.history) for e in examples)
@@ -170,7 +177,8 @@ class TextBank:
                          row_user=torch.tensor(row_user, dtype=torch.long),
                          history_index=torch.tensor(hist_index, dtype=torch.long),
                          history_mask=torch.tensor(hist_mask, dtype=torch.bool),
-                         candidate_index=torch.tensor(cand_index, dtype=torch.long), row_keys=order, **extra)
+                         candidate_index=torch.tensor(cand_index, dtype=torch.long), row_keys=order,
+                         example_user=None if owners is None else torch.tensor(owners, dtype=torch.long), **extra)
 
 
 def user_example(user: UserData, position: int, candidates: Sequence[str], *, max_history: int,

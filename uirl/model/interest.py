@@ -46,6 +46,10 @@ class UserBatch:
     ``image_mask`` (B, H, F)/(B, H) image features of the history items, ``noise_seed`` (B,)
     per-user seeds for the VAE's sampling, ``candidate_prior`` (B, C) the popularity prior of each
     candidate. ``row_keys`` names each row's text (for cached vectors).
+
+    A user may have several examples (``user-examples``): then B counts examples,
+    ``row_user`` names each row's example, and ``example_user`` (B,) each example's user (0..U-1,
+    in order); None means example b is user b.
     """
 
     input_ids: torch.Tensor
@@ -65,10 +69,25 @@ class UserBatch:
     noise_seed: torch.Tensor | None = None
     candidate_prior: torch.Tensor | None = None
     row_keys: list[str] = field(default_factory=list)
+    example_user: torch.Tensor | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.history_index.shape[0])
 
     @property
     def num_users(self) -> int:
-        return int(self.history_index.shape[0])
+        if self.example_user is None:
+            return self.num_examples
+        return int(self.example_user.max()) + 1 if self.example_user.numel() else 0
+
+    def example_weight(self) -> torch.Tensor | None:
+        """(B,) 1 / (number of examples of the example's user): weighting the per-example losses by
+        it makes each user's loss the mean of its examples' losses. None: one example per user."""
+        if self.example_user is None:
+            return None
+        counts = torch.bincount(self.example_user, minlength=self.num_users).to(torch.float64)
+        return 1.0 / counts[self.example_user]
 
     def to(self, device: torch.device | str) -> "UserBatch":
         moved = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)

@@ -3,8 +3,10 @@
 Opacus computes one gradient per ROW of each layer's input. Our encoder sees all texts of all
 users as rows (N = sum of texts per user), while the interest head sees one row per user (B).
 A user-level guarantee needs one gradient per user, so after the backward pass on the summed loss
-we add up each user's rows (``index_add`` by ``row_user``). Any other row count is a bug that
-would silently change the privacy unit, so it raises.
+we add up each example's rows (``index_add`` by ``row_user``) and, where a user has several
+examples (``user-examples``), each user's examples (by ``example_user``; their losses were
+weighted by 1/count, so the sum is the gradient of the user's mean loss). Any other row count is a
+bug that would silently change the privacy unit, so it raises.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ class PerUserGradients:
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def backward(self, losses: torch.Tensor, batch: UserBatch) -> None:
-        """Backward on the summed per-user losses, then :meth:`regroup` to one row per user."""
+        """Backward on the summed per-user losses (per-example losses already weighted by
+        :meth:`UserBatch.example_weight` where users have several), then :meth:`regroup` to one
+        row per user."""
         with warnings.catch_warnings():
             # Opacus's backward hooks on a frozen-input layer (the first LoRA layer) are expected.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -40,22 +44,23 @@ class PerUserGradients:
         self.regroup(batch)
 
     def loss(self, batch: UserBatch, vectors: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-user losses (B,); ``vectors``: the rows' cached text vectors (frozen encoder)."""
+        """Per-example losses (B,: one per user unless users have several examples); ``vectors``:
+        the rows' cached text vectors (frozen encoder)."""
         return self.gsm(batch, vectors)["loss"]
 
     def regroup(self, batch: UserBatch) -> None:
-        num_users, num_rows = batch.num_users, int(batch.row_user.shape[0])
+        num_users, num_examples, num_rows = batch.num_users, batch.num_examples, int(batch.row_user.shape[0])
         for p in self.params:
             gs = p.grad_sample
             if gs is None or isinstance(gs, list):
                 raise PrivacyError("per-sample gradient missing or accumulated over several passes")
-            if gs.shape[0] == num_rows and num_rows != num_users:
-                per_user = torch.zeros((num_users, *gs.shape[1:]), dtype=gs.dtype, device=gs.device)
-                per_user.index_add_(0, batch.row_user.to(gs.device), gs)
-                gs = per_user
+            if gs.shape[0] == num_rows and num_rows != num_examples:
+                gs = _sum_by(gs, batch.row_user, num_examples)
+            if batch.example_user is not None and gs.shape[0] == num_examples:
+                gs = _sum_by(gs, batch.example_user, num_users)
             if gs.shape[0] != num_users:
                 raise PrivacyError(f"per-sample gradient has {gs.shape[0]} rows, expected {num_users} users "
-                                   f"(or {num_rows} text rows)")
+                                   f"(or {num_examples} examples, or {num_rows} text rows)")
             p.grad_sample = gs
 
     def empty(self) -> None:
@@ -73,3 +78,9 @@ class PerUserGradients:
         for module in self.model.modules():
             if hasattr(module, "activations"):
                 delattr(module, "activations")
+
+
+def _sum_by(rows: torch.Tensor, owner: torch.Tensor, count: int) -> torch.Tensor:
+    """(count, ...) the sum of ``rows`` grouped by ``owner`` (each row's group, 0..count-1)."""
+    out = torch.zeros((count, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    return out.index_add_(0, owner.to(rows.device), rows)
