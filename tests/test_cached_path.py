@@ -16,7 +16,7 @@ import torch
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from helpers import tiny_config
-from test_privacy import ALL_PARTS, EXAMPLES, ITEMS, OWNERS, SEVERAL, _full_examples, user_mean_loop
+from test_privacy import ALL_PARTS, EXAMPLES, ITEMS, _full_examples, check_several_examples
 from uirl.config import SiloConfig
 from uirl.engine import popularity_prior, run_federated
 from uirl.federated import _worker, local_release, local_train
@@ -98,23 +98,7 @@ def test_cached_per_user_gradients_equal_a_per_user_loop(tiny_model, parts):
 
 def test_cached_per_user_gradients_of_several_examples_equal_a_per_user_loop(tiny_model):
     cfg, model, bank = _cached_model(tiny_model)
-    model.train()
-
-    def vectors(batch):
-        return row_vectors(model, bank, batch.row_keys).double()
-
-    expected = user_mean_loop(model, bank, SEVERAL, OWNERS, vectors)
-    batch = bank.make_batch(SEVERAL, tokens=False, owners=OWNERS)
-    pug = PerUserGradients(model)
-    try:
-        pug.backward(pug.loss(batch, vectors(batch)) * batch.example_weight(), batch)
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                assert p.grad_sample.shape == (3, *p.shape), name
-                for u in range(3):
-                    torch.testing.assert_close(p.grad_sample[u], expected[u][name], rtol=1e-7, atol=1e-10, msg=name)
-    finally:
-        pug.close()
+    check_several_examples(model, bank, lambda batch: row_vectors(model, bank, batch.row_keys).double())
 
 
 def test_cached_vectors_equal_fresh_encoding_and_come_back_from_disk(tiny_bert, tmp_path, monkeypatch):

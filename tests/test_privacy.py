@@ -104,16 +104,16 @@ def user_mean_loop(model, bank, examples, owners, vectors=None):
     return grads
 
 
-def test_several_examples_per_user_give_the_gradient_of_the_users_mean_loss(tiny_model):
-    # LoRA path: per-row gradients are summed into examples, then examples into users.
-    model, bank = _setup(tiny_model, double=True)
+def check_several_examples(model, bank, vectors=None):
+    """Per-user gradients of :data:`SEVERAL` (owned by :data:`OWNERS`) equal :func:`user_mean_loop`'s."""
     model.train()
-    expected = user_mean_loop(model, bank, SEVERAL, OWNERS)
-    batch = bank.make_batch(SEVERAL, owners=OWNERS)
+    expected = user_mean_loop(model, bank, SEVERAL, OWNERS, vectors)
+    batch = bank.make_batch(SEVERAL, tokens=vectors is None, owners=OWNERS)
     assert (batch.num_users, batch.num_examples) == (3, 6)
     pug = PerUserGradients(model)
     try:
-        pug.backward(pug.loss(batch) * batch.example_weight(), batch)
+        losses = pug.loss(batch, None if vectors is None else vectors(batch))
+        pug.backward(losses * batch.example_weight(), batch)
         for name, p in model.named_parameters():
             if p.requires_grad:
                 assert p.grad_sample.shape == (3, *p.shape), name
@@ -121,6 +121,12 @@ def test_several_examples_per_user_give_the_gradient_of_the_users_mean_loss(tiny
                     torch.testing.assert_close(p.grad_sample[u], expected[u][name], rtol=1e-7, atol=1e-10, msg=name)
     finally:
         pug.close()
+
+
+def test_several_examples_per_user_give_the_gradient_of_the_users_mean_loss(tiny_model):
+    # LoRA path: per-row gradients are summed into examples, then examples into users.
+    model, bank = _setup(tiny_model, double=True)
+    check_several_examples(model, bank)
 
 
 def test_owners_must_number_users_in_order(tiny_bert):
