@@ -211,8 +211,10 @@ def _append(out: Path, row: dict[str, Any]) -> None:
 
 
 def round_summary(label: str, row: dict[str, Any]) -> str:
-    """One line for a round: its metrics (those evaluated) and the epsilon spent so far."""
-    parts = [f"{k}={row[k]:.4f}" for k in ("train-loss", "auc", "ndcg@10", "full/recall@20") if k in row]
+    """One line for a round: its metrics (those evaluated; no training loss under DP, where the
+    silos keep it) and the epsilon spent so far."""
+    parts = [f"{k}={row[k]:.4f}" for k in ("train-loss", "auc", "ndcg@10", "full/recall@20")
+             if isinstance(row.get(k), (int, float)) and not math.isnan(row[k])]
     eps = row.get("epsilon")
     if isinstance(eps, (int, float)) and not math.isnan(eps):
         parts.append(f"eps={eps:.2f}")

@@ -161,3 +161,10 @@ def test_the_ablation_trains_through_the_engine_and_reports_round_zero(tiny_bert
     assert metrics["train-loss"] != metrics["train-loss"]  # NaN: under DP a silo keeps its loss to itself
     assert train_s > 0 and eval_s > 0 and zero["eval-seconds"] > 0
     assert [line.split(":")[0].strip() for line in lines] == ["round 1", "round 2"]
+
+
+def test_a_round_line_names_only_the_numbers_a_round_has():
+    dp = sw.round_summary("cell", {"round": 3, "train-loss": float("nan"), "auc": 0.81234, "epsilon": 6.5})
+    assert dp == "cell | round 3 auc=0.8123 eps=6.50"
+    plain = sw.round_summary("cell", {"round": 1, "train-loss": 1.5, "epsilon": float("inf")})
+    assert plain == "cell | round 1 train-loss=1.5000 eps=inf"
