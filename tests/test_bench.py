@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,3 +75,15 @@ def test_a_child_reports_its_own_peak_memory_not_its_parents():
     assert child.returncode == 0
     assert 100 <= child.peak_rss_mib < 400, child.peak_rss_mib
     del held
+
+
+def test_padding_counts_by_hand():
+    from simulation.bench.padding import padding_counts
+
+    # rows of 2 and 5 tokens (user 0), 3 and 8 (user 1)
+    out = padding_counts([2, 5, 3, 8], [0, 0, 1, 1], ks=(2,))
+    assert (out["real-tokens"], out["one-call-positions"]) == (18, 32)  # 4 rows x 8
+    assert out["one-call-padding-share"] == pytest.approx(14 / 32)
+    assert out["layouts"]["per-row-2"]["positions"] == 2 * 3 + 2 * 8  # {2, 3} and {5, 8}
+    assert out["layouts"]["per-user-2"]["positions"] == 2 * 5 + 2 * 8  # user 0 and user 1
+    assert out["layouts"]["per-row-2"]["positions/one-call"] == pytest.approx(22 / 32)

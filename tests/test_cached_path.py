@@ -17,7 +17,8 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 
 from helpers import tiny_config
 from test_privacy import ALL_PARTS, EXAMPLES, ITEMS, _full_examples, check_several_examples
-from uirl.config import SiloConfig
+import uirl.train
+from uirl.config import AUTO_CACHED_EXAMPLES, SiloConfig
 from uirl.engine import popularity_prior, run_federated
 from uirl.federated import _worker, local_release, local_train
 from uirl.train import sampling_plan
@@ -230,6 +231,32 @@ def test_several_examples_per_user_train_at_the_same_privacy_cost(tiny_bert):
     assert m1["epsilon"] == m4["epsilon"] and math.isfinite(m4["epsilon"])
     assert all(np.all(np.isfinite(v)) for v in four.values())
     assert any(not np.array_equal(one[k], four[k]) for k in one)
+
+
+@pytest.mark.parametrize("mode, setting, expected", [("cached", 0, AUTO_CACHED_EXAMPLES), ("lora", 0, 1),
+                                                     ("cached", 3, 3), ("lora", 2, 2)])
+def test_automatic_examples_per_user_follow_the_training_path(tiny_bert, monkeypatch, mode, setting, expected):
+    # user-examples = 0 resolves by the path; what reaches train_step is that many examples per
+    # sampled user, owned by that user.
+    cfg = tiny_config(tiny_bert, **{**CACHED, "train-mode": mode, "user-examples": setting, "batch-users": 30,
+                                    "length-buckets": 3})
+    assert cfg.examples_per_user == expected
+    seen = []
+
+    def record(model, bank, examples, optimizer, *, owners=None, buckets=1, **kwargs):
+        assert buckets == 3  # length-buckets reaches the step (the lora path uses it)
+        seen.append((len(examples), owners))
+        return 0.0
+
+    monkeypatch.setattr(uirl.train, "train_step", record)
+    silo = SiloConfig(0, 2)
+    initial = {k: v.numpy().copy() for k, v in _worker(cfg, silo)[0].model.trainable_state().items()}
+    local_train(cfg, silo, initial, ledger_json=None, server_round=1, prior=None)
+    assert seen and all(n > 0 for n, _ in seen)
+    for n, owners in seen:
+        users = n // expected
+        assert n == users * expected
+        assert owners == (None if expected == 1 else [k for k in range(users) for _ in range(expected)])
 
 
 def test_the_noisy_prior_shrinks_noise_made_hits_towards_zero():

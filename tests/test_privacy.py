@@ -60,15 +60,21 @@ def _per_user_loop(model, bank, examples):
     return grads
 
 
-@pytest.mark.parametrize("ffa", [True, False])
-def test_per_user_gradients_equal_per_user_loop(tiny_model, ffa):
+def per_user_loss(pug, batch, buckets=1):
+    """The losses a DP step backpropagates: texts encoded in one call, or in ``buckets`` calls of
+    similar length (``length-buckets``)."""
+    return pug.loss(batch) if buckets == 1 else pug.loss_in_buckets(batch, buckets)
+
+
+@pytest.mark.parametrize("ffa, buckets", [(True, 1), (False, 1), (True, 3), (False, 2)])
+def test_per_user_gradients_equal_per_user_loop(tiny_model, ffa, buckets):
     model, bank = _setup(tiny_model, double=True, **{"ffa-lora": ffa})
     model.train()
     expected = _per_user_loop(model, bank, EXAMPLES)
     batch = bank.make_batch(EXAMPLES)
     pug = PerUserGradients(model)
     try:
-        pug.backward(pug.loss(batch), batch)
+        pug.backward(per_user_loss(pug, batch, buckets), batch)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         assert any("lora_B" in n for n in names) and any("history_pool" in n for n in names)
         assert any("lora_A" in n for n in names) == (not ffa)
@@ -104,15 +110,16 @@ def user_mean_loop(model, bank, examples, owners, vectors=None):
     return grads
 
 
-def check_several_examples(model, bank, vectors=None):
-    """Per-user gradients of :data:`SEVERAL` (owned by :data:`OWNERS`) equal :func:`user_mean_loop`'s."""
+def check_several_examples(model, bank, vectors=None, buckets=1):
+    """Per-user gradients of :data:`SEVERAL` (owned by :data:`OWNERS`) equal :func:`user_mean_loop`'s
+    (``buckets``: the LoRA path's texts encoded in that many calls)."""
     model.train()
     expected = user_mean_loop(model, bank, SEVERAL, OWNERS, vectors)
     batch = bank.make_batch(SEVERAL, tokens=vectors is None, owners=OWNERS)
     assert (batch.num_users, batch.num_examples) == (3, 6)
     pug = PerUserGradients(model)
     try:
-        losses = pug.loss(batch, None if vectors is None else vectors(batch))
+        losses = per_user_loss(pug, batch, buckets) if vectors is None else pug.loss(batch, vectors(batch))
         pug.backward(losses * batch.example_weight(), batch)
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -123,10 +130,28 @@ def check_several_examples(model, bank, vectors=None):
         pug.close()
 
 
-def test_several_examples_per_user_give_the_gradient_of_the_users_mean_loss(tiny_model):
+@pytest.mark.parametrize("buckets", [1, 4])
+def test_several_examples_per_user_give_the_gradient_of_the_users_mean_loss(tiny_model, buckets):
     # LoRA path: per-row gradients are summed into examples, then examples into users.
     model, bank = _setup(tiny_model, double=True)
-    check_several_examples(model, bank)
+    check_several_examples(model, bank, buckets=buckets)
+
+
+def test_length_buckets_cut_padding_and_give_the_one_call_vectors(tiny_model):
+    model, bank = _setup(tiny_model, double=True)
+    model.eval()
+    batch = bank.make_batch(EXAMPLES)
+    with torch.no_grad():
+        one = model.encode_texts(batch.input_ids, batch.attention_mask)
+        vectors, calls = model.encode_in_buckets(batch.input_ids, batch.attention_mask, 3)
+    torch.testing.assert_close(vectors, one, rtol=1e-9, atol=1e-12)
+    lengths = batch.attention_mask.sum(1)
+    rows = torch.cat([r for r, _ in calls])
+    assert sorted(rows.tolist()) == list(range(len(lengths)))  # every row once
+    widths = [int(lengths[r].max()) for r, _ in calls]
+    assert widths == sorted(widths) and widths[0] < batch.input_ids.shape[1]  # short calls are cut
+    for r, v in calls:
+        torch.testing.assert_close(v, one[r], rtol=1e-9, atol=1e-12)
 
 
 def test_owners_must_number_users_in_order(tiny_bert):
@@ -326,7 +351,8 @@ def _full_examples():
     return [Example(history=h, candidates=c, seed=100 + b, **side[b]) for b, (h, c) in enumerate(EXAMPLES)]
 
 
-def test_per_user_gradients_are_exact_with_every_part_on(tiny_model):
+@pytest.mark.parametrize("buckets", [1, 3])
+def test_per_user_gradients_are_exact_with_every_part_on(tiny_model, buckets):
     cfg = tiny_config(tiny_model, **LORA, **ALL_PARTS)
     model, encoder = build_model(cfg)
     model.double()
@@ -346,7 +372,7 @@ def test_per_user_gradients_are_exact_with_every_part_on(tiny_model):
     expected = _per_user_loop(model, bank, examples)
     pug = PerUserGradients(model)
     try:
-        pug.backward(pug.loss(batch), batch)
+        pug.backward(per_user_loss(pug, batch, buckets), batch)
         checked = 0
         for name, p in model.named_parameters():
             if not p.requires_grad:

@@ -100,12 +100,13 @@ def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
             chosen = [u for u in users if sample_rng.random() < q]
             chosen = [u for u in chosen if len(u.train_items) >= 2]  # too short to make an example
             if chosen or pug is not None:  # without DP, an empty sample is no step at all
-                each = cfg.train.user_examples
+                each = cfg.examples_per_user
                 examples = [training_example(u, cfg, rng=example_rng, all_item_ids=all_items,
                                              touched=touched[u.user_id]) for u in chosen for _ in range(each)]
                 owners = [k for k in range(len(chosen)) for _ in range(each)] if each > 1 else None
                 total_loss += train_step(model, bank, examples, optimizer, per_user=pug, expected_users=expected,
-                                         cached=cached, device=device, owners=owners)
+                                         cached=cached, device=device, owners=owners,
+                                         buckets=cfg.model.length_buckets)
                 seen += len(chosen)
                 if ledger is not None:
                     ledger.record(1)
@@ -119,7 +120,7 @@ def train_round(model: InterestModel, bank: TextBank, users: Sequence[UserData],
 
 def train_step(model: InterestModel, bank: TextBank, examples: Sequence[Example], optimizer: torch.optim.Optimizer,
                *, per_user: PerUserGradients | None, expected_users: float, cached: bool,
-               device: torch.device, owners: Sequence[int] | None = None) -> float:
+               device: torch.device, owners: Sequence[int] | None = None, buckets: int = 1) -> float:
     """One optimizer step on ``examples`` (one per sampled user, or several: ``owners[b]`` is the
     user of example b, see :meth:`TextBank.make_batch`); returns the users' summed loss, a user's
     loss being the mean of its examples' losses.
@@ -127,7 +128,9 @@ def train_step(model: InterestModel, bank: TextBank, examples: Sequence[Example]
     With ``per_user`` (DP on; ``optimizer`` from :func:`~uirl.privacy.make_dp_optimizer`) each user's
     gradient is computed on its own, then clipped and noised by the optimizer; no examples is then a
     noise-only step. Without it, a plain step on the summed loss over ``expected_users``.
-    ``cached``: the rows' vectors come from the frozen encoder's cache (``train-mode = cached``).
+    ``cached``: the rows' vectors come from the frozen encoder's cache (``train-mode = cached``);
+    else ``buckets``: the texts are encoded in that many calls of similar token length
+    (``length-buckets``, :meth:`InterestModel.encode_in_buckets`).
     Raises :class:`TrainingError` if the step leaves a parameter non-finite or silently unchanged."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
@@ -143,7 +146,13 @@ def train_step(model: InterestModel, bank: TextBank, examples: Sequence[Example]
         # public item texts (and the user's own texts) only, so each user's loss still depends on
         # nothing but that user's rows and the shared parameters.
         vectors = row_vectors(model, bank, batch.row_keys).to(device) if cached else None
-        losses = per_user.loss(batch, vectors) if per_user is not None else model.batch_loss(batch, vectors)
+        if cached or buckets <= 1:
+            losses = per_user.loss(batch, vectors) if per_user is not None else model.batch_loss(batch, vectors)
+        elif per_user is not None:
+            losses = per_user.loss_in_buckets(batch, buckets)
+        else:
+            vectors, _ = model.encode_in_buckets(batch.input_ids, batch.attention_mask, buckets)
+            losses = model.batch_loss(batch, vectors)
         if (weight := batch.example_weight()) is not None:
             losses = losses * weight.to(losses)  # a user's loss: the mean of its examples'
         if per_user is not None:

@@ -1,6 +1,6 @@
 """Where a run's time, memory and bytes go: one command, one JSON file, one table.
 
-    python -m simulation.bench [--quick] [--only step,threads,scaling,anatomy,bytes] [--out docs/results/bench.json]
+    python -m simulation.bench [--quick] [--only step,threads,scaling,anatomy,bytes,padding] [--out docs/results/bench.json]
 
 Sections (all by default; ``anatomy`` is left out of ``--quick`` unless named in ``--only``):
 
@@ -16,6 +16,12 @@ Sections (all by default; ``anatomy`` is left out of ``--quick`` unless named in
   checkpoints and shut-down, with the peak memory of all its processes.
 - ``bytes``: a silo's reply (each ``compression`` mode) and the server's message, next to the
   encoder's bytes, per train mode (:func:`uirl.wire.wire_bytes`).
+- ``padding``: the share of a ``lora`` step's token positions that is padding, and what per-user
+  micro-batches or per-row length buckets would leave (:mod:`simulation.bench.padding`; counts, no
+  timing).
+
+``--run-config`` overrides apply to the step, threads, padding and bytes sections (a converted
+dataset, say); the scaling and anatomy sections always use the tiny model on synthetic data.
 
 ``--quick`` uses the tiny random encoder everywhere, fewer users and repeats, 3 and 10 silos and one
 round: a smoke test of the machinery (tests/test_bench.py), not numbers to quote. The JSON records
@@ -36,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("step", "threads", "scaling", "anatomy", "bytes")
+SECTIONS = ("step", "threads", "scaling", "anatomy", "bytes", "padding")
 TINY_LABEL = "tiny random BERT (simulation/tiny_encoder.py: 2 layers, hidden 32)"
 #: The issue's targets: DP step / non-private step at the default thread setting; 100 silos x 5 rounds.
 DP_RATIO_TARGET = 1.10
@@ -142,6 +148,17 @@ def print_tables(result: dict, console) -> None:
                       _fmt(b["reply-bytes-int8"]), _fmt(b["encoder-bytes"]),
                       f"{100 * b['reply-fraction-none']:.2f} %")
         console.print(t)
+    if "padding" in s:
+        pd = s["padding"]
+        t = Table(title=f"lora step: token positions, {pd['users']} users, {pd['rows']} texts, "
+                        f"{pd['real-tokens']:,} real tokens")
+        for col in ("layout", "calls", "positions", "padding share", "/ one call"):
+            t.add_column(col, justify="right" if col != "layout" else "left")
+        t.add_row("one call (now)", "1", _fmt(pd["one-call-positions"]), f"{100 * pd['one-call-padding-share']:.1f} %", "1.00")
+        for name, lay in pd["layouts"].items():
+            t.add_row(name, str(lay["calls"]), _fmt(lay["positions"]), f"{100 * lay['padding-share']:.1f} %",
+                      _fmt(lay["positions/one-call"], 2))
+        console.print(t)
     for tg in result["targets"]:
         met = {True: "[green]met[/green]", False: "[red]not met[/red]", None: "not measured"}[tg["met"]]
         console.print(f"target: {tg['target']}: {met}")
@@ -159,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--silos", default=None, help="silo counts for scaling (default 3,10,30,100; quick 3,10)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per scaling cell (default 5; quick 1)")
     parser.add_argument("--cell-timeout", type=float, default=600.0, help="seconds before a scaling cell is stopped")
+    parser.add_argument("--run-config", default="",
+                        help="run-config overrides for the step, threads, padding and bytes sections, "
+                             "e.g. \"dataset='/data/ml-uirl' partitioning='iid'\"")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -166,6 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     if args.quick and "anatomy" in only and args.only == ",".join(SECTIONS):
         only.remove("anatomy")
+    from uirl.config import from_run_config
+    from uirl.errors import UirlError
+    from uirl.launch.run_config import parse_overrides
+
+    try:
+        overrides = parse_overrides(args.run_config)
+        from_run_config({"device": "cpu", **overrides})  # refuse unknown keys and bad values before any work
+    except UirlError as why:
+        parser.error(str(why))
     users = args.users or (16 if args.quick else 32)
     repeats = args.repeats or (3 if args.quick else 7)
     silos = [int(x) for x in (args.silos or ("3,10" if args.quick else "3,10,30,100")).split(",")]
@@ -190,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     began, load_before = time.time(), [round(x, 2) for x in os.getloadavg()]
     tiny = save_tiny_encoder(work / "tiny-encoder")
-    step_base = {"device": "cpu"}
+    step_base = {"device": "cpu", **overrides}
     if args.quick:
         step_base.update({"model-name": tiny, "synthetic-users": 90, "synthetic-items": 300})
     lora, cached = (from_run_config({**step_base, "train-mode": m}) for m in ("lora", "cached"))
@@ -213,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "anatomy":
                 from simulation.bench.anatomy import anatomy_section
                 sections[name] = anatomy_section(tiny, silos=3, rounds=3, users_per_silo=30, work=work, log=log)
+            elif name == "padding":
+                from simulation.bench.padding import padding_section
+                sections[name] = padding_section(lora, users=users)
             elif name == "bytes":  # the project's own count (uirl.wire), for both train modes
                 from uirl.wire import wire_bytes
                 sections[name] = {"counted-as": "array values, without the per-array framing of Flower's messages",

@@ -109,7 +109,8 @@ def make_step(cfg: Config, *, users: int, kind: str, noise_multiplier: float = 1
 
     def take() -> float:
         return train_step(model, bank, examples, optimizer, per_user=per_user, expected_users=expected,
-                          cached=cfg.model.train_mode == "cached", device=device)
+                          cached=cfg.model.train_mode == "cached", device=device,
+                          buckets=cfg.model.length_buckets)
 
     return Step(take=take, users=len(examples), texts=texts, trainable=sum(p.numel() for p in params),
                 close=per_user.close if per_user is not None else (lambda: None))

@@ -172,6 +172,22 @@ class InterestModel(nn.Module):
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         return F.normalize(pool_tokens(out.last_hidden_state, attention_mask, self.pooling), dim=-1)
 
+    def encode_in_buckets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, buckets: int
+                          ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """:meth:`encode_texts` of (N, T) right-padded rows in ``buckets`` calls: rows sorted by token
+        length, each call cut to its own longest row, so short texts are not padded to the batch's
+        longest. A text's vector does not depend on the other rows of its call or on padding (the
+        attention mask hides it; pooling is masked), so the vectors are the one-call vectors.
+        Returns the (N, d) vectors in row order and each call's (row indices, (n_b, d) vectors)."""
+        lengths = attention_mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        calls = []
+        for rows in torch.tensor_split(order, min(buckets, len(order))):
+            width = int(lengths[rows].max())
+            calls.append((rows, self.encode_texts(input_ids[rows, :width], attention_mask[rows, :width])))
+        vectors = torch.cat([v for _, v in calls])[torch.argsort(torch.cat([rows for rows, _ in calls]))]
+        return vectors, calls
+
     def user_vectors(self, history: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | float = 0.0
                      ) -> torch.Tensor:
         """(B, H, d) history event vectors + (B, H) mask -> (B, d) unit-norm (long-term) user vectors."""

@@ -32,6 +32,10 @@ class PerUserGradients:
         self.model = model
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        encoder = {id(p) for p in model.encoder.parameters()}
+        self.encoder_params = [p for p in self.params if id(p) in encoder]
+        self._calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._rows: torch.Tensor | None = None
 
     def backward(self, losses: torch.Tensor, batch: UserBatch) -> None:
         """Backward on the summed per-user losses (per-example losses already weighted by
@@ -41,7 +45,47 @@ class PerUserGradients:
             # Opacus's backward hooks on a frozen-input layer (the first LoRA layer) are expected.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             losses.sum().backward()
+            if self._calls:
+                self._encoder_backward()
         self.regroup(batch)
+
+    def loss_in_buckets(self, batch: UserBatch, buckets: int) -> torch.Tensor:
+        """Per-example losses like :meth:`loss` (tokens encoded here), the texts encoded in
+        ``buckets`` calls of similar length (:meth:`InterestModel.encode_in_buckets`).
+
+        Opacus adds the per-row gradients of a layer's repeated calls into the same leading rows, so
+        one backward through every call would mix the rows of different calls (different users).
+        The interest model therefore reads detached copies of the vectors; :meth:`backward` first
+        backpropagates the loss to those copies (the interest model's own per-user gradients), then
+        each call's vector gradients through the encoder, one call at a time, last call first (the
+        order Opacus pops each layer's stored inputs in), and takes that call's per-row gradients
+        before the next. The rows are put back in batch order: the per-row gradients are those of
+        one call, and :meth:`regroup` sums them per user as before."""
+        vectors, self._calls = self.model.encode_in_buckets(batch.input_ids, batch.attention_mask, buckets)
+        self._rows = vectors.detach().requires_grad_(True)
+        return self.gsm(batch, self._rows)["loss"]
+
+    def _encoder_backward(self) -> None:
+        calls, rows, self._calls, self._rows = self._calls, self._rows, [], None
+        if rows.grad is None:
+            raise PrivacyError("the loss does not reach the encoded texts")
+        parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {id(p): [] for p in self.encoder_params}
+        for index, (call_rows, vectors) in enumerate(reversed(calls)):
+            vectors.backward(rows.grad[call_rows])
+            last = index == len(calls) - 1  # Opacus moves the last call's rows to grad_sample itself
+            for p in self.encoder_params:
+                got = p.grad_sample if last else getattr(p, "_current_grad_sample", None)
+                if got is None or isinstance(got, list):
+                    raise PrivacyError("per-row encoder gradient missing or accumulated over several passes")
+                parts[id(p)].append((call_rows, got[:len(call_rows)]))
+                if not last:
+                    delattr(p, "_current_grad_sample")
+        for p in self.encoder_params:
+            first = parts[id(p)][0][1]
+            full = first.new_zeros((rows.shape[0], *first.shape[1:]))
+            for call_rows, got in parts[id(p)]:
+                full[call_rows.to(full.device)] = got
+            p.grad_sample = full
 
     def loss(self, batch: UserBatch, vectors: torch.Tensor | None = None) -> torch.Tensor:
         """Per-example losses (B,: one per user unless users have several examples); ``vectors``:
