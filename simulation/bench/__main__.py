@@ -213,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     from simulation.bench.measure import machine
     from simulation.tiny_encoder import save_tiny_encoder
     from uirl.atomic import atomic_write_text
-    from uirl.config import from_run_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
