@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -145,9 +146,19 @@ def test_help_of_every_subcommand_and_module(tmp_path):
                 helps.add((words[0], "-m", words[2]))
     assert (".venv/bin/uirl", "run") in helps and (".venv/bin/uirl", "deploy") in helps
     env = _fresh_env(tmp_path)
-    for words in sorted(helps):
-        out = _run([*words, "--help"], tmp_path, env)
+    with ThreadPoolExecutor(2) as pool:  # each a fresh interpreter; two at a time on a 2-core machine
+        outs = list(pool.map(lambda words: _run([*words, "--help"], tmp_path, env), sorted(helps)))
+    for words, out in zip(sorted(helps), outs):
         assert "usage:" in out.stdout, words
+
+
+def test_uirl_help_does_not_import_torch():
+    """``uirl --help`` and every subcommand's parser load without torch (10 s on a 2-core machine):
+    the heavy imports belong inside the commands that use them."""
+    code = ("import sys, uirl.cli; uirl.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'opacus', 'flwr') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.fixture()

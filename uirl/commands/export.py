@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from uirl.export import export_run
-
 
 def _export(args: argparse.Namespace) -> int:
+    from uirl.export import export_run  # torch and peft: only when exporting, so `uirl --help` stays quick
+
     out = export_run(args.run_dir, args.out)
     print(f"uirl: exported the final adapter and its model card to {out}")
     return 0
