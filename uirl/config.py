@@ -268,8 +268,16 @@ class PrivacyConfig:
         "popularity-budget", 0.75,
         "with `popularity-prior` under DP: the share of `target-epsilon` the popularity release alone may cost; the "
         "DP-SGD noise is planned for the rest (composed in the same accountant)")
+    popularity_noise_shares: int = _key(
+        "popularity-noise-shares", 1,
+        "with `popularity-prior` under DP: 1 = each silo's release carries all of the planned noise; k > 1 = "
+        "distributed noise, each silo adds 1/sqrt(k) of it (discrete Gaussian) and only the SecAgg+ sum of the "
+        "releases is seen, which holds the planned noise if at least k silos' releases are in it and those k are "
+        "honest; needs `secagg = true` and k <= `min-nodes`")
 
     def __post_init__(self) -> None:
+        _check(self.popularity_noise_shares >= 1, "popularity-noise-shares", self.popularity_noise_shares,
+               "an integer >= 1")
         _check(0 < self.popularity_budget < 1, "popularity-budget", self.popularity_budget, "a number in (0, 1)")
         _check(self.target_epsilon > 0, "target-epsilon", self.target_epsilon, "a number > 0")
         _check(0 < self.target_delta < 1, "target-delta", self.target_delta, "a number in (0, 1)")
@@ -418,6 +426,15 @@ class Config:
                "popularity-prior", self.model.popularity_prior,
                "false with secagg when dp is off (each silo would send the server its exact item counts "
                "in the clear); turn dp on or popularity-prior off")
+        shares = self.privacy.popularity_noise_shares
+        if shares > 1:
+            _check(self.model.popularity_prior, "popularity-noise-shares", shares,
+                   "1 unless popularity-prior = true (it splits the popularity release's DP noise over silos)")
+            _check(self.federation.secagg, "popularity-noise-shares", shares,
+                   "1 with secagg = false (a silo's release with 1/sqrt(k) of the noise may only be seen inside "
+                   "the SecAgg+ sum); set secagg = true")
+            _check(shares <= self.federation.min_nodes, "popularity-noise-shares", shares,
+                   f"at most min-nodes = {self.federation.min_nodes} (the sum must hold that many releases)")
 
     @property
     def examples_per_user(self) -> int:

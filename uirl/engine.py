@@ -115,6 +115,9 @@ def _release_prior(cfg: Config, silos: list[SiloConfig], ledgers: dict[int, str 
         except ReplyRejected as why:
             raise RunFailed(f"silo {k}: popularity release rejected: {why}") from None
     released = [r for r in released if r.counts is not None]
+    shares = cfg.privacy.popularity_noise_shares
+    if len(released) < shares:  # the sum would hold less noise than the silos' ledgers record
+        raise RunFailed(f"popularity-noise-shares = {shares} but only {len(released)} silo(s) released their counts")
     prior = popularity_prior([r.counts for r in released], [r.noise for r in released])
     return prior, {k: ledger for k, (_, _, ledger) in enumerate(out)}
 

@@ -16,6 +16,7 @@ and the scalar metrics named in :data:`TRAIN_METRICS` / :data:`EVAL_METRICS`.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ from uirl.privacy.ledger_file import LedgerFile, PopularityRelease, Release, dig
 from uirl.errors import UirlError
 from uirl.model.vector_cache import load_catalogue_vectors
 from uirl.privacy.dp_sgd import secure_sampling_rng
-from uirl.privacy.popularity import (gaussian_release, plan_sgd_noise_after_release, release_noise,
-                                     user_normalised_counts)
+from uirl.privacy.popularity import (distributed_release, gaussian_release, integer_counts, plan_sgd_noise_after_release,
+                                     release_noise, release_scale, user_normalised_counts)
 from uirl.threads import apply_threads
 from uirl.train import encode_texts, evaluate, sampling_plan, train_round
 
@@ -221,11 +222,15 @@ def popularity_noise(cfg: Config, target: float) -> float:
 def local_release(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None
                   ) -> tuple[np.ndarray | None, dict[str, float], str | None]:
     """The silo's popularity counts over :func:`catalogue_ids` (once per run), noised with the
-    Gaussian mechanism and recorded in its ledger when DP is on, exact when it is off.
+    Gaussian mechanism and recorded in its ledger when DP is on, exact when it is off. With
+    ``popularity-noise-shares`` > 1, the silo's share of a distributed release (integer counts,
+    1/sqrt(k) of the noise: :func:`~uirl.privacy.popularity.distributed_release`); ``release-noise``
+    is always the standard deviation this silo added, in count units.
     Returns (counts or None if refused, metrics, new ledger JSON)."""
     worker, silo = _worker(cfg, silo_cfg)
-    ids = catalogue_ids(silo)
-    counts = user_normalised_counts([u.train_items for u in silo.users], {i: k for k, i in enumerate(ids)})
+    index = {i: k for k, i in enumerate(catalogue_ids(silo))}
+    user_items = [u.train_items for u in silo.users]
+    counts = user_normalised_counts(user_items, index)
     base = {"num-examples": float(len(silo.users)), "silo": float(silo.silo_id)}
     if not cfg.privacy.enabled:
         return counts, {**base, "status": float(STATUS_OK), **_privacy_metrics(None)}, None
@@ -233,9 +238,16 @@ def local_release(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None
     if ledger.popularity_released:
         return None, {**base, "status": float(STATUS_REPLAY_REFUSED), **_privacy_metrics(ledger)}, ledger.to_json()
     sigma = popularity_noise(cfg, ledger.target_epsilon)
-    noisy = gaussian_release(counts, noise_multiplier=sigma, rng=secure_sampling_rng())
-    ledger.record_release(sigma)
-    return noisy, {**base, "status": float(STATUS_OK), "release-noise": sigma, **_privacy_metrics(ledger)}, \
+    shares = cfg.privacy.popularity_noise_shares
+    if shares > 1:  # distributed noise: this silo's share, seen only inside the SecAgg+ sum
+        scale = release_scale(cfg.federation.secagg_max_users)
+        noisy = distributed_release(integer_counts(user_items, index, scale),
+                                    noise_multiplier=sigma, shares=shares, scale=scale, rng=secure_sampling_rng())
+        added = sigma / math.sqrt(shares)
+    else:
+        noisy, added = gaussian_release(counts, noise_multiplier=sigma, rng=secure_sampling_rng()), sigma
+    ledger.record_release(sigma)  # the Gaussian mechanism the (sum of the) release(s) is, at noise sigma
+    return noisy, {**base, "status": float(STATUS_OK), "release-noise": added, **_privacy_metrics(ledger)}, \
         ledger.to_json()
 
 
