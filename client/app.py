@@ -30,8 +30,8 @@ from flwr.clientapp import ClientApp
 from client.failures import contain_failures
 from client.secagg import secagg_train, secagg_when_configured
 from uirl.config import Config, SiloConfig, from_run_config, silo_from_node_config
-from uirl.federated import (COUNTS_ARRAY, EvaluationWithheld, PRIOR_ARRAY, RELEASE_ACTION, local_evaluate, local_release_durable,
-                            local_train_durable)
+from uirl.federated import (COUNTS_ARRAY, EvaluationWithheld, PRIOR_ARRAY, RELEASE_ACTION, catalogue_size, local_evaluate,
+                            local_release_durable, local_train_durable)
 
 # contain_failures first, so that it wraps everything after it: a failure anywhere in the silo's
 # code, SecAgg+'s mod included, reaches the server as the exception's class name only.
@@ -93,15 +93,20 @@ def _reply(msg: Message, arrays: dict | None, metrics: dict[str, float], error: 
     return Message(content=content, reply_to=msg)
 
 
+def _release(cfg: Config, silo: SiloConfig, context: Context, run: str
+             ) -> tuple[np.ndarray | None, dict[str, float], str | None]:
+    counts, metrics, ledger, error = local_release_durable(cfg, silo, ledger_json=_state_ledger(context), run=run)
+    _keep_ledger(context, ledger)
+    return counts, metrics, error
+
+
 @app.query(RELEASE_ACTION)
 def release(msg: Message, context: Context) -> Message:
     """The silo's one popularity release of the run (noised and in its ledger under DP)."""
     cfg = from_run_config(context.run_config)
     silo = silo_from_node_config(context.node_config)
     config = msg.content.config_records.get("config", ConfigRecord())
-    counts, metrics, ledger, error = local_release_durable(cfg, silo, ledger_json=_state_ledger(context),
-                                                           run=str(config.get("run-name", "")))
-    _keep_ledger(context, ledger)
+    counts, metrics, error = _release(cfg, silo, context, str(config.get("run-name", "")))
     return _reply(msg, None if counts is None else {COUNTS_ARRAY: counts}, metrics, error)
 
 
@@ -110,7 +115,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config)
     silo = silo_from_node_config(context.node_config)
     if cfg.federation.secagg:  # the update leaves only masked (client/secagg.py)
-        return secagg_train(msg, cfg, lambda state, config: _train_round(cfg, silo, context, state, config))
+        return secagg_train(msg, cfg, lambda state, config: _train_round(cfg, silo, context, state, config),
+                            lambda run: (*_release(cfg, silo, context, run), catalogue_size(cfg, silo)))
     arrays, metrics, error = _train_round(cfg, silo, context, _global_state(msg), msg.content["config"])
     return _reply(msg, arrays, metrics, error)
 

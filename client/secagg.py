@@ -23,10 +23,13 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore import log
 
 from uirl.config import Config, from_run_config
+from uirl.privacy.popularity import release_scale
 
-#: Must match server/secagg.py: the names of the arrays sent, and of those whose delta is masked.
+#: Must match server/secagg.py: the names of the arrays sent, and of those whose delta is masked,
+#: and the key that makes a round the popularity release.
 ARRAY_NAMES = "array-names"
 DELTA_NAMES = "delta-names"
+RELEASE_TASK = "popularity-release"
 
 
 def secagg_when_configured(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -40,7 +43,7 @@ def fit_instructions(msg: Message) -> tuple[dict[str, np.ndarray], dict, list[st
     """(global state by name, train config, names of the arrays whose delta goes back) of a SecAgg+ round."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = dict(fitins.config)
-    names = str(config.pop(ARRAY_NAMES)).split(",")
+    names = [n for n in str(config.pop(ARRAY_NAMES)).split(",") if n]  # none in the release round
     delta_names = str(config.pop(DELTA_NAMES)).split(",")
     arrays = parameters_to_ndarrays(fitins.parameters)
     return dict(zip(names, arrays, strict=True)), config, delta_names
@@ -69,8 +72,29 @@ def fit_reply(cfg: Config, global_state: dict[str, np.ndarray], delta_names: lis
                                               num_examples=weight, metrics=reply_metrics), keep_input=True)
 
 
-def secagg_train(msg: Message, cfg: Config, train_round) -> Message:
-    """Train handler under SecAgg+; ``train_round(global_state, config)`` -> (arrays, metrics, error)."""
+def secagg_train(msg: Message, cfg: Config, train_round, release) -> Message:
+    """Train handler under SecAgg+; ``train_round(global_state, config)`` -> (arrays, metrics, error),
+    or, in the popularity release's round (``popularity-noise-shares`` > 1), ``release(run_name)`` ->
+    (counts or None, metrics, error, catalogue size)."""
     global_state, config, delta_names = fit_instructions(msg)
+    if config.get(RELEASE_TASK):
+        counts, metrics, error, catalogue = release(str(config.get("run-name", "")))
+        return Message(content=release_reply(cfg, counts, metrics, error, catalogue=catalogue), reply_to=msg)
     arrays, metrics, error = train_round(global_state, config)
     return Message(content=fit_reply(cfg, global_state, delta_names, arrays, metrics, error), reply_to=msg)
+
+
+def release_reply(cfg: Config, counts: np.ndarray | None, metrics: dict[str, float], error: str | None, *,
+                  catalogue: int) -> RecordDict:
+    """The FitRes record the mod masks in the release round: this silo's share of the release as
+    integers (count units x the release scale: exact, see :func:`uirl.privacy.popularity.release_scale`)
+    with weight 1, or ``catalogue`` zeros with weight 0 from a silo that refuses (it still takes part,
+    so the others' masks cancel)."""
+    reply_metrics: dict = dict(metrics)
+    if counts is None:
+        reply_metrics["error"] = error or "refused"
+        values, weight = np.zeros(catalogue), 0
+    else:
+        values, weight = np.round(np.asarray(counts, dtype=np.float64) * release_scale(cfg.federation.secagg_max_users)), 1
+    return compat.fitres_to_recorddict(FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters([values]),
+                                              num_examples=weight, metrics=reply_metrics), keep_input=True)

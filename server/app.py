@@ -161,7 +161,7 @@ def _evaluates(cfg: Config, server_round: int) -> bool:
     return server_round in (0, fed.num_rounds) or server_round % fed.eval_every == 0
 
 
-def _prior(grid: Grid, cfg: Config, run: RunDirectory, recorder: _Recorder, silent: set[int]
+def _prior(grid: Grid, context: Context, cfg: Config, run: RunDirectory, recorder: _Recorder, silent: set[int]
            ) -> np.ndarray | None:
     """The run's popularity prior: released by the silos on a fresh run, read back on a resumed one.
     ``silent`` receives the nodes that did not answer the release in time."""
@@ -170,7 +170,7 @@ def _prior(grid: Grid, cfg: Config, run: RunDirectory, recorder: _Recorder, sile
     if cfg.federation.resume:
         return run.load_prior()
     return release_prior(grid, cfg, run, on_release=recorder.on_release, timeout=cfg.federation.reply_timeout,
-                         on_silent=silent.add)
+                         on_silent=silent.add, context=context)
 
 
 @app.main()
@@ -190,7 +190,7 @@ def main(grid: Grid, context: Context) -> None:
 
     nodes_ready()
     silent: set[int] = set()
-    strategy = build_strategy(cfg, trainable, recorder, _prior(grid, cfg, run, recorder, silent), silent)
+    strategy = build_strategy(cfg, trainable, recorder, _prior(grid, context, cfg, run, recorder, silent), silent)
     arrays = ArrayRecord({name: Array(value) for name, value in state.items()})
 
     def write_adapter(directory, values: dict[str, np.ndarray]) -> None:

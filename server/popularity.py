@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -33,8 +33,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from uirl.config import Config
 from uirl.engine import popularity_prior
 from uirl.errors import UirlError
-from uirl.federated import RELEASE_ACTION
-from uirl.replies import ReplyRejected, check_release, release_catalogue
+from server.secagg import secagg_release
+from uirl.federated import RELEASE_ACTION, STATUS_OK
+from uirl.replies import ReplyRejected, check_release, check_release_sum, release_catalogue
 from uirl.rundir import RunDirectory
 
 #: The message type of the release; the ClientApp routes it to ``@app.query(RELEASE_ACTION)``.
@@ -105,13 +106,17 @@ def _catalogue(answers: list[Message]) -> int | None:
 
 
 def release_prior(grid: Grid, cfg: Config, run: RunDirectory, *, on_release: Callable[[list[dict]], None],
-                  timeout: float, on_silent: Callable[[int], None] = lambda node: None) -> np.ndarray:
+                  timeout: float, on_silent: Callable[[int], None] = lambda node: None,
+                  context: Context | None = None) -> np.ndarray:
     """Ask every connected silo for its release, build the prior, save it in ``run``; return it.
 
     ``on_release`` receives the privacy row of every reply (keyed by ``node-id``); ``on_silent``
     each node that sent no reply within ``timeout`` (its release may still be running: the strategy
-    sends it nothing more). Raises :class:`PriorError` if no silo released usable counts."""
+    sends it nothing more). Raises :class:`PriorError` if no silo released usable counts. With
+    ``popularity-noise-shares`` > 1 the release is one SecAgg+ round (``context``: the ServerApp's)."""
     _, nodes = sample_nodes(grid, cfg.federation.min_nodes, 0)
+    if cfg.privacy.popularity_noise_shares > 1:
+        return _distributed_prior(grid, context, cfg, run, nodes, on_release=on_release, timeout=timeout)
     answers = list(grid.send_and_receive(
         [Message(RecordDict({"config": ConfigRecord({"run-name": run.path.name})}), dst_node_id=node,
                  message_type=RELEASE_MESSAGE) for node in nodes], timeout=timeout))
@@ -134,4 +139,48 @@ def release_prior(grid: Grid, cfg: Config, run: RunDirectory, *, on_release: Cal
     prior = popularity_prior([r.counts for r in released], [r.noise for r in released])
     run.save_prior(prior)
     print(f"uirl: popularity prior from {', '.join(r.who for r in released)} over {len(prior)} items", flush=True)
+    return prior
+
+
+def _distributed_prior(grid: Grid, context: Context, cfg: Config, run: RunDirectory, nodes: list[int], *,
+                       on_release: Callable[[list[dict]], None], timeout: float) -> np.ndarray:
+    """The prior from a distributed release: the silos' shares summed under SecAgg+
+    (:func:`server.secagg.secagg_release`). Each reply's metrics travel in the clear and are checked
+    as a release's (:func:`uirl.replies.check_release` with ``masked``). The sum is used only if it
+    holds at least ``popularity-noise-shares`` releases and none from a silo whose reply was
+    rejected; otherwise the run stops: the silos' ledgers record the noise of that many shares."""
+    shares = cfg.privacy.popularity_noise_shares
+    replies, total = secagg_release(grid, context, cfg, nodes, run.path.name, timeout)
+    rows, released, bad = [], [], []
+    for node, metrics, weight in replies:
+        metrics = dict(metrics)
+        error = str(metrics.pop("error", ""))
+        who, label = _label([metrics], node)
+        try:
+            release = check_release([metrics], [], catalogue=None, dp=cfg.privacy.enabled, masked=True)
+        except ReplyRejected as why:
+            rows.append({**label, "node-id": node, "accepted": False, "rejected": str(why)})
+            if weight > 0:
+                bad.append(f"{who}: {why}")
+            continue
+        ok = release.metrics["status"] == STATUS_OK and weight > 0
+        rows.append({**release.metrics, "node-id": node, "accepted": ok, **({} if ok else {"error": error})})
+        if ok:
+            released.append((who, release))
+        elif weight > 0:
+            bad.append(f"{who}: a refusal inside the masked sum")
+    on_release(rows)
+    if bad or total is None or len(released) < shares:
+        why = "; ".join(bad) or f"{len(released)} silo(s) released into the sum, popularity-noise-shares = {shares}"
+        raise PriorError(f"popularity-prior: the SecAgg+ sum of the silos' releases is not usable ({why})")
+    try:
+        counts = check_release_sum(total, [r for _, r in released])
+    except ReplyRejected as why:
+        raise PriorError(f"popularity-prior: the SecAgg+ sum of the silos' releases is not usable ({why})") from None
+    released.sort(key=lambda pair: pair[1].metrics.get("silo", math.inf))
+    noise = math.sqrt(sum(r.noise ** 2 for _, r in released))
+    prior = popularity_prior([counts], [noise])
+    run.save_prior(prior)
+    print(f"uirl: popularity prior from the SecAgg+ sum of {', '.join(who for who, _ in released)} "
+          f"({len(released)} noise shares) over {len(prior)} items", flush=True)
     return prior

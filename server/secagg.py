@@ -47,6 +47,8 @@ from flwr.supercore import log
 from server.strategy import ValidatingFedAvg, log_warning
 from uirl.aggregation import UpdateRejected, aggregate_bound, check_update
 from uirl.config import Config
+from uirl.federated import COUNTS_ARRAY
+from uirl.privacy.popularity import SECAGG_INTEGER_RANGE, release_scale
 from uirl.replies import TrainReply
 from uirl.rounds import RoundResult, SiloReply, check_replies
 
@@ -55,6 +57,8 @@ from uirl.rounds import RoundResult, SiloReply, check_replies
 ARRAY_NAMES = "array-names"
 #: Config key naming the trainable arrays, in the order of the masked delta.
 DELTA_NAMES = "delta-names"
+#: Config key that makes a SecAgg+ round the popularity release instead of training (client/secagg.py).
+RELEASE_TASK = "popularity-release"
 
 
 class _MeanDelta(Strategy):
@@ -107,6 +111,41 @@ def workflow(cfg: Config, timeout: float) -> SecAggPlusWorkflow:
                               timeout=timeout)
 
 
+def _run_workflow(grid: Grid, context: Context, legacy: _MeanDelta, server_round: int,
+                  secagg: SecAggPlusWorkflow) -> None:
+    manager = SimpleClientManager()
+    for nid in legacy.node_ids:
+        manager.register(GridClientProxy(node_id=nid, grid=grid, run_id=grid.run.run_id))
+    legacy_context = LegacyContext(context, strategy=legacy, client_manager=manager)
+    legacy_context.state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: server_round}),
+                                       MAIN_PARAMS_RECORD: ArrayRecord()})
+    secagg(grid, legacy_context)
+
+
+def secagg_release(grid: Grid, context: Context, cfg: Config, node_ids: list[int], run_name: str, timeout: float
+                   ) -> tuple[list[tuple[int, dict, int]], np.ndarray | None]:
+    """The popularity release of a run with distributed noise (``popularity-noise-shares`` > 1) as
+    one SecAgg+ round: each silo masks its integer counts (its noisy share, see
+    :func:`uirl.privacy.popularity.distributed_release`), the server unmasks only their sum.
+
+    The counts travel exactly: SecAgg+ maps x to round((x + clip) x range / (2 clip)), which with
+    ``clip`` = range / 2 is x + clip for an integer x, with no rounding; each releasing silo has
+    weight 1 (a refusing one 0), so the unmasked mean times the number of releasing silos is the sum.
+    Returns ((node, metrics, weight) per reply, the summed counts in count units or None if no silo
+    released)."""
+    legacy = _MeanDelta(node_ids, {}, [COUNTS_ARRAY], {RELEASE_TASK: 1, "run-name": run_name})
+    fed = cfg.federation
+    _run_workflow(grid, context, legacy, 0, SecAggPlusWorkflow(
+        num_shares=float(fed.secagg_shares), reconstruction_threshold=float(fed.secagg_threshold), max_weight=1.0,
+        clipping_range=float(SECAGG_INTEGER_RANGE), quantization_range=2 * SECAGG_INTEGER_RANGE, timeout=timeout))
+    released = sum(1 for _, _, weight in legacy.replies if weight > 0)
+    if legacy.mean_delta is None or not released:
+        return legacy.replies, None
+    scale = release_scale(fed.secagg_max_users)
+    total = np.round(np.asarray(legacy.mean_delta[0], dtype=np.float64) * released)
+    return legacy.replies, total / scale
+
+
 def secagg_train(grid: Grid, context: Context, cfg: Config, strategy: ValidatingFedAvg, server_round: int,
                  arrays: ArrayRecord, train_config: ConfigRecord, timeout: float) -> ArrayRecord:
     """Run one SecAgg+ training round and return the new global arrays.
@@ -122,14 +161,8 @@ def secagg_train(grid: Grid, context: Context, cfg: Config, strategy: Validating
     sent = {name: np.asarray(a.numpy()) for name, a in strategy.outgoing(arrays).items()}
     legacy = _MeanDelta(node_ids, sent, delta_names,
                         {**dict(train_config), "server-round": server_round})
-    manager = SimpleClientManager()
-    for nid in node_ids:
-        manager.register(GridClientProxy(node_id=nid, grid=grid, run_id=grid.run.run_id))
-    legacy_context = LegacyContext(context, strategy=legacy, client_manager=manager)
-    legacy_context.state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: server_round}),
-                                       MAIN_PARAMS_RECORD: ArrayRecord()})
     if len(node_ids) >= 2:
-        workflow(cfg, timeout)(grid, legacy_context)
+        _run_workflow(grid, context, legacy, server_round, workflow(cfg, timeout))
     else:
         log(WARNING, "round %d: SecAgg+ needs at least two silos, %d sampled", server_round, len(node_ids))
     replies = [SiloReply(node, [metrics], None, refusal=str(metrics.pop("error", "")))

@@ -70,3 +70,51 @@ def test_flwr_run_with_secagg_matches_plain_fedavg(tmp_path, tiny_bert):
         assert np.abs(masked[name] - value).max() < 1e-4, name
         moved = max(moved, float(np.abs(value - plain.initial[name]).max()))
     assert moved > 1e-2  # training moved the model far more than the quantization error
+
+
+def test_integer_counts_cross_secaggs_quantization_exactly():
+    """What :func:`server.secagg.secagg_release` relies on: with clipping range 2^21 and quantization
+    range 2^22, Flower's quantize/dequantize and the workflow's unmasking arithmetic (sum, offset,
+    division by the total weight) give back the mean of integer vectors exactly."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from uirl.privacy.popularity import SECAGG_INTEGER_RANGE
+
+    clip, levels = float(SECAGG_INTEGER_RANGE), 2 * SECAGG_INTEGER_RANGE
+    rng = np.random.default_rng(0)
+    vectors = [rng.integers(-SECAGG_INTEGER_RANGE, SECAGG_INTEGER_RANGE + 1, size=5000).astype(np.float64)
+               for _ in range(3)]
+    quantized = [quantize([v], clip, levels)[0] for v in vectors]  # weight 1: the mod multiplies by 1.0
+    for v, q in zip(vectors, quantized):
+        np.testing.assert_array_equal(q, v + clip)
+    summed = np.sum([q.astype(np.int64) for q in quantized], axis=0) % 2 ** 32  # the masks cancel mod 2^32
+    mean = dequantize([summed], clip, levels)[0]  # as the workflow's unmask stage does it
+    mean += -(len(vectors) - 1) * clip
+    mean *= levels / (len(vectors) * levels)
+    np.testing.assert_array_equal(np.round(mean * len(vectors)), np.sum(vectors, axis=0))
+
+
+def test_flwr_run_releases_the_popularity_counts_through_secagg(tmp_path, tiny_bert):
+    """Distributed noise (``popularity-noise-shares = 3``) in a real `flwr run`: the release is one
+    SecAgg+ round, each silo adds a third of the noise variance and records the Gaussian mechanism
+    of the sum in its ledger; the run then trains and evaluates with the prior built from the sum."""
+    from test_cached_path import _gaussian_epsilon
+
+    run_config = (f"model-name='{tiny_bert}' num-server-rounds=1 synthetic-users=90 synthetic-items=300 "
+                  f"max-history=4 eval-negatives=9 batch-users=8 max-tokens=16 train-mode='cached' "
+                  f"popularity-prior=true secagg=true min-nodes=3 popularity-noise-shares=3 "
+                  f"run-dir='{tmp_path / 'runs'}' run-name='shares'")
+    status, text = flower.run(supernodes=3, run_config=run_config, cpus_per_client=1,
+                              flwr_home=tmp_path / "flwr-home", log=io.StringIO())
+    assert status == "finished:completed", text[-3000:]
+    assert "popularity prior from the SecAgg+ sum of silo 0, silo 1, silo 2 (3 noise shares) over 300 items" in text
+    run = tmp_path / "runs" / "shares"
+    assert np.load(run / "popularity_prior.npy").shape == (300,)
+    privacy = [json.loads(line) for line in (run / "privacy.jsonl").read_text().splitlines()]
+    released = [r for r in privacy if r["round"] == 0]
+    assert len(released) == 3 and all(r["accepted"] for r in released)
+    sigma = released[0]["release-noise"] * 3 ** 0.5  # the noise of the sum, which each ledger records
+    for r in released:
+        assert r["epsilon"] == pytest.approx(_gaussian_epsilon(sigma, 1e-5), rel=1e-6)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["silos-trained"] == 3

@@ -157,6 +157,11 @@ def catalogue_ids(silo: Silo) -> list[str]:
     return sorted(silo.item_text)
 
 
+def catalogue_size(cfg: Config, silo_cfg: SiloConfig) -> int:
+    """How many items the silo's popularity counts cover (the length of :func:`catalogue_ids`)."""
+    return len(catalogue_ids(_worker(cfg, silo_cfg)[1]))
+
+
 def _load_global(worker: _Worker, silo: Silo, global_state: dict[str, np.ndarray], prior: np.ndarray | None) -> None:
     """Load the global model's arrays: every trainable one must be there (the worker's model is
     shared by the silos of a process, so a missing one would start from another silo's training);

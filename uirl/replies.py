@@ -288,12 +288,14 @@ def release_catalogue(arrays: Iterable[Sequence[Mapping[str, np.ndarray]]]) -> i
 
 
 def check_release(metrics: Sequence[Mapping], arrays: Sequence[Mapping[str, np.ndarray]], *,
-                  catalogue: int | None, dp: bool) -> Release:
+                  catalogue: int | None, dp: bool, masked: bool = False) -> Release:
     """One popularity-release reply (its metric records and array records), checked; raises
     :class:`ReplyRejected`. ``catalogue``: the length the counts must have (see
     :func:`release_catalogue`; None: any); ``dp``: the run's ``dp`` (the release must be noised).
     A refusal (a known status other than OK, with the keys an honest refusal has and no arrays) is
-    returned with ``counts`` None."""
+    returned with ``counts`` None. ``masked``: a share of a distributed release, whose counts are
+    inside the SecAgg+ sum (:func:`check_release_sum`): only the metrics are checked, and a release
+    is returned with ``counts`` None too (tell it from a refusal by its ``status``)."""
     values = _one_record(metrics)
     status = values.get("status")
     if isinstance(status, bool) or not isinstance(status, (int, float)) or status not in RELEASE_REPLY_KEYS:
@@ -310,8 +312,18 @@ def check_release(metrics: Sequence[Mapping], arrays: Sequence[Mapping[str, np.n
     noise = values.get("release-noise", 0.0)
     if dp and noise <= 0:
         raise ReplyRejected(f"release-noise = {noise:g} is not a valid noise level under DP (expected > 0)")
+    if masked:
+        return Release(metrics=values, counts=None, noise=noise)
     return Release(metrics=values, counts=_release_counts(arrays, catalogue, values["num-examples"], noise),
                    noise=noise)
+
+
+def check_release_sum(counts: np.ndarray, releases: Sequence[Release]) -> np.ndarray:
+    """The unmasked sum of a distributed release, checked as one release of all its silos' users
+    with their noise (variances add); raises :class:`ReplyRejected`."""
+    users = sum(r.metrics["num-examples"] for r in releases)
+    noise = float(np.sqrt(sum(r.noise ** 2 for r in releases)))
+    return _release_counts([{COUNTS_ARRAY: counts}], None, users, noise)
 
 
 def _release_counts(arrays: Sequence[Mapping[str, np.ndarray]], catalogue: int | None, users: float,
