@@ -15,7 +15,9 @@ the same round's update leaves the silo only masked, through Flower's SecAgg+ mo
 With ``popularity-prior`` the server first sends a query (action :data:`~uirl.federated.RELEASE_ACTION`,
 see :mod:`server.popularity`): the silo releases its item counts once, recorded in the same ledger
 its DP-SGD steps later compose with. Every later train and evaluate message carries the prior the
-server built, next to the adapter arrays.
+server built, next to the adapter arrays. With distributed noise (``popularity-noise-shares`` > 1) the
+release is a SecAgg+ train round instead (:func:`client.secagg.secagg_train` tells it by its config):
+the silo's share leaves only masked.
 
 If anything here raises, the server learns only the exception's class name; the traceback stays in
 the silo's own log (:mod:`client.failures`).

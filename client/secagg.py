@@ -5,6 +5,10 @@ Flower's mod answers the protocol's setup, key-sharing and unmasking messages it
 the update it returns. It reads that update in Flower's older FitRes layout, so under SecAgg+ the
 train handler answers with :func:`fit_reply` instead of the plain ``arrays`` record.
 
+In runs with distributed noise for the popularity release (``popularity-noise-shares`` > 1) the
+first SecAgg+ round is that release: the train handler sends the silo's noisy integer counts
+(:func:`release_reply`) instead of an update.
+
 The mod only runs when the run asks for SecAgg+ (:func:`secagg_when_configured`): it would reject the
 plain path's train messages, which carry no SecAgg+ stage.
 """

@@ -16,6 +16,11 @@ left out, and the console says which; with none left the run stops. Every reply'
 (the silo's epsilon after the release) go to ``privacy.jsonl`` as round-0 rows. The prior is saved in the run directory
 (:meth:`uirl.rundir.RunDirectory.save_prior`); a resumed run sends that one again rather than ask
 the silos for a second release.
+
+With distributed noise (``popularity-noise-shares`` > 1) the release is instead one SecAgg+ round
+(:func:`server.secagg.secagg_release`): each silo's share, with only 1/sqrt(k) of the noise, may
+never be seen alone, and a query's reply would be seen. The server then checks each reply's
+metrics and the unmasked sum, and stops the run unless at least k releases are in the sum.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ the four protocol stages (setup, share keys, collect masked vectors, unmask) aga
 ``LegacyContext`` whose ``Strategy`` picks the silos (``configure_fit``) and receives the unmasked
 aggregate (``aggregate_fit``). This module runs that workflow for the *training step of one round*
 and nothing else, so round 0, evaluation, checkpoints, resume and the run directory stay the
-ServerApp's own loop.
+ServerApp's own loop -- and, with ``popularity-noise-shares`` > 1, for the popularity release
+before round 0 (:func:`secagg_release`).
 
 What travels: the server sends the global model's trainable arrays (as in the plain path,
 :meth:`ValidatingFedAvg.outgoing`), plus the popularity prior when the run has one (arrays in name

@@ -124,3 +124,13 @@ def test_the_engine_refuses_a_sum_of_fewer_shares_than_planned(tiny_bert):
     cfg = tiny_config(tiny_bert, **{**DISTRIBUTED, "num-server-rounds": 1})
     with pytest.raises(RunFailed, match="only 2 silo"):
         run_federated(cfg, 2)
+
+
+def test_the_model_card_says_what_the_distributed_release_assumes():
+    from uirl.privacy.guarantee import guarantee_text, released_text
+
+    cfg = {"popularity-prior": True, "popularity-noise-shares": 3}
+    assert "at least 3 silos' releases were in it" in guarantee_text(cfg, 1)
+    assert "masked by SecAgg+" in released_text(cfg) and "1/sqrt(3)" in released_text(cfg)
+    assert "Distributed noise" not in guarantee_text({"popularity-prior": True}, 1)
+    assert "Gaussian noise, composed into the same accountant" in released_text({"popularity-prior": True})

@@ -41,10 +41,23 @@ def central_text(cfg: dict[str, Any], rounds: int) -> str:
             "server itself sees each silo's update in the clear.")
 
 
+def distributed_text(shares: int) -> str:
+    """The trust a distributed popularity release (``popularity-noise-shares`` > 1) adds."""
+    return (f"**Distributed noise for the popularity release (`popularity-noise-shares = {shares}`).** Each silo "
+            f"added only 1/sqrt({shares}) of the release's noise and sent its counts masked by SecAgg+, so the "
+            "server saw only the sum of the silos' releases. The epsilon below counts the release at the noise of "
+            f"that sum, which holds if at least {shares} silos' releases were in it, those silos added their noise "
+            "as configured and kept it secret, and the server followed SecAgg+ (the server checks the count and "
+            "stops the run with fewer). Against a coalition of the server and colluding silos that reveal their "
+            "noise, the release of the remaining silos carries less noise than recorded.")
+
+
 def guarantee_text(cfg: dict[str, Any], rounds: int) -> str:
     parts = []
     if cfg.get("dp", True):
         parts.append(USER_LEVEL)
+        if cfg.get("popularity-prior", False) and int(cfg.get("popularity-noise-shares", 1)) > 1:
+            parts.append(distributed_text(int(cfg["popularity-noise-shares"])))
     if cfg.get("central-dp", "") == "fixed":
         parts.append(central_text(cfg, rounds))
     if not parts:
@@ -58,7 +71,13 @@ def released_text(cfg: dict[str, Any]) -> str:
     dp = cfg.get("dp", True)
     lines = ["- the trainable adapter and head arrays (or their compressed delta): "
              + ("covered by the user-level guarantee;" if dp else "not private (`dp = false`);")]
-    if cfg.get("popularity-prior", False):
+    shares = int(cfg.get("popularity-noise-shares", 1))
+    if cfg.get("popularity-prior", False) and shares > 1:
+        lines.append(f"- once, its share of the item counts (each user's contribution bounded to L2 norm 1), masked by "
+                     f"SecAgg+: discrete Gaussian noise of 1/sqrt({shares}) of the planned noise; the server sees only "
+                     f"the sum of the silos' shares, whose noise each silo's accountant composes, provided at least "
+                     f"{shares} honest silos' shares are in it;")
+    elif cfg.get("popularity-prior", False):
         lines.append("- once, its item counts (each user's contribution bounded to L2 norm 1): "
                      + ("Gaussian noise, composed into the same accountant;" if dp else "exact (`dp = false`);"))
     lines.append("- its accountant's numbers (epsilon, delta, noise multiplier, sample rate, steps, rounds) "
