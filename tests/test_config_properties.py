@@ -32,6 +32,7 @@ _NUMBERS = {"synthetic-users": st.integers(10, 10**6), "synthetic-items": st.int
             "user-proj-rank": st.integers(0, 64), "item-proj-rank": st.integers(0, 64),
             "eval-min-users": st.integers(1, 50), "eval-max-users": st.one_of(st.just(0), st.integers(50, 10**6)),
             "seed": st.integers(-(2**63), 2**63), "min-nodes": st.integers(2, 1000),
+            "popularity-noise-shares": st.integers(1, 8),
             "prior-weight": st.floats(-1e6, 1e6), "target-epsilon": st.floats(1e-3, 1e3),
             "node-wait-timeout": st.floats(1e-3, 1e6), "lr": st.floats(1e-8, 10.0), "temperature": st.floats(1e-3, 1e3)}
 _TEXT = st.text(max_size=12)
@@ -74,6 +75,10 @@ def valid_run_configs(draw) -> dict:
         values["dp"] = values["dp"] or values["popularity-prior"]
     if values["central-dp"]:
         values["aggregation"] = "fedavg"
+    if values["popularity-prior"] and values["secagg"]:  # distributed noise: at most min-nodes shares
+        values["popularity-noise-shares"] = min(values["popularity-noise-shares"], values["min-nodes"])
+    else:
+        values["popularity-noise-shares"] = 1
     return values
 
 
