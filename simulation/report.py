@@ -75,6 +75,9 @@ def group(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in {k for r in members for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}:
             merged[key] = _mean([r.get(key) for r in members])
         merged.update({"method": method, "target": eps, "seeds": len(members), "members_rows": members})
+        shares = int(first.get("run-config", {}).get("popularity-noise-shares", 1))
+        if shares > 1 and merged.get("guarantee", "none") != "none":
+            merged["guarantee"] += f", release: SecAgg+ sum of {shares} noise shares"
         out.append(merged)
     order = {m: i for i, m in enumerate(("federated", "central-dp") + BASELINES)}
     return sorted(out, key=lambda r: (order.get(r["method"], 99), r["target"]))
@@ -296,7 +299,10 @@ def markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], sweep_tex
              "Test metrics of the final model, averaged over silos with user-count weights. "
              "`user-level per silo`: each silo's released updates are (eps, delta)-DP with respect to "
              "one of its users; `client-level`: the global model is (eps, delta)-DP with respect to one "
-             "whole silo (the server adds the noise); `none`: no formal guarantee.", "",
+             "whole silo (the server adds the noise); `none`: no formal guarantee; `release: SecAgg+ sum "
+             "of k noise shares`: the popularity release's noise is split over the silos and only its sum is "
+             "seen, so its share of the guarantee assumes at least k honest silos (README, Distributed noise "
+             "for the popularity release).", "",
              utility_table(groups), ""]
     if any(_FULL[0] in g for g in groups):
         parts += ["Ranked against the whole catalogue instead of the sampled candidates (the items the user "

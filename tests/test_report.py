@@ -74,3 +74,12 @@ def test_candidate_lists_are_compared_within_a_seed(tmp_path):
     rows.append({**_row("zero-shot", math.inf, 0.5), "candidates": "mismatch"})
     results.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     assert "lists: NO (seed 0:" in (report.build_report(results) / "report.md").read_text()
+
+
+def test_a_distributed_release_is_named_in_the_guarantee():
+    shared = _row("federated", 8.0, 0.74)
+    shared["run-config"]["popularity-noise-shares"] = 3
+    groups = report.group([shared, _row("federated", 1.0, 0.70), _row("popularity", math.inf, 0.6)])
+    labels = {g["target"]: g["guarantee"] for g in groups}
+    assert labels == {8.0: "user-level per silo, release: SecAgg+ sum of 3 noise shares",
+                      1.0: "user-level per silo", math.inf: "none"}
