@@ -35,10 +35,10 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from server.secagg import secagg_release
 from uirl.config import Config
 from uirl.engine import popularity_prior
 from uirl.errors import UirlError
-from server.secagg import secagg_release
 from uirl.federated import RELEASE_ACTION, STATUS_OK
 from uirl.replies import ReplyRejected, check_release, check_release_sum, release_catalogue
 from uirl.rundir import RunDirectory
