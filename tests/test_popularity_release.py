@@ -129,7 +129,8 @@ def test_the_server_builds_the_prior_without_a_silo_that_refuses(tiny_bert, flow
     by_silo = {int(r["silo"]): r for r in rows}
     assert by_silo[0]["accepted"] and by_silo[0]["epsilon"] > 0 and by_silo[0]["release-noise"] > 0
     assert not by_silo[1]["accepted"] and by_silo[1]["status"] == STATUS_LEDGER_ERROR
-    assert sorted(p.name for p in ledger_path.parent.iterdir()) == ["ledger.json"]  # it released nothing
+    # It released nothing: beside its ledger only the lock it held while it looked.
+    assert sorted(p.name for p in ledger_path.parent.iterdir()) == ["ledger.json", "ledger.json.lock"]
 
     # No silo releases: the run stops with a message that says why.
     cfg = tiny_config(tiny_bert, **{"popularity-prior": True, "min-nodes": 1})

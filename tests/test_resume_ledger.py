@@ -100,6 +100,30 @@ def test_a_silo_replays_a_round_it_released_and_never_pays_twice(tmp_path, setti
     assert path.read_text() == damaged
 
 
+def test_a_silo_spends_from_its_ledger_file_only_while_holding_its_lock(tmp_path, setting):
+    """Another process of the same silo holds the ledger lock (a round of another run, say): this
+    round waits, then reads the ledger as the other one left it, so both spends are recorded."""
+    import threading
+
+    cfg, state = setting
+    path = tmp_path / "silo" / "ledger.json"
+    silo = SiloConfig(partition_id=0, num_partitions=2, ledger_path=str(path))
+    first, _, _, err = local_train_durable(cfg, silo, state, ledger_json=None, run="a", server_round=1)
+    assert err is None
+    out = {}
+    with LedgerFile(path).locked():
+        worker = threading.Thread(target=lambda: out.update(reply=local_train_durable(
+            cfg, silo, state, ledger_json=None, run="b", server_round=1)))
+        worker.start()
+        worker.join(timeout=3)
+        assert worker.is_alive()  # waiting for the lock, nothing read or spent yet
+        assert LedgerFile(path).read().rounds == 1
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    arrays, metrics, _, err = out["reply"]
+    assert err is None and metrics["rounds-trained"] == 2 and LedgerFile(path).read().rounds == 2
+
+
 def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path, setting):
     cfg, state = setting
     run = RunDirectory.create(tmp_path / "runs", "a", {})

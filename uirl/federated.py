@@ -15,6 +15,7 @@ and the scalar metrics named in :data:`TRAIN_METRICS` / :data:`EVAL_METRICS`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -256,8 +257,25 @@ def local_release(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None
         ledger.to_json()
 
 
+def _ledger_file(cfg: Config, silo_cfg: SiloConfig) -> LedgerFile | None:
+    return LedgerFile(silo_cfg.ledger_path) if silo_cfg.ledger_path and cfg.privacy.enabled else None
+
+
+def _holding_ledger(cfg: Config, silo_cfg: SiloConfig):
+    """The silo's ledger-file lock for a whole read -> spend -> write (nothing without a ledger file)."""
+    file = _ledger_file(cfg, silo_cfg)
+    return file.locked() if file is not None else contextlib.nullcontext()
+
+
 def local_release_durable(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None, run: str = ""
                           ) -> tuple[np.ndarray | None, dict[str, float], str | None, str | None]:
+    """:func:`local_release` under the silo's ledger lock (:meth:`~uirl.privacy.ledger_file.LedgerFile.locked`)."""
+    with _holding_ledger(cfg, silo_cfg):
+        return _release_durable(cfg, silo_cfg, ledger_json=ledger_json, run=run)
+
+
+def _release_durable(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None, run: str
+                     ) -> tuple[np.ndarray | None, dict[str, float], str | None, str | None]:
     """:func:`local_release` as the ClientApp calls it: never a release the silo's ledger does not record.
 
     ``ledger_json`` is the ledger the node's state holds, the same one :func:`local_train_durable`
@@ -268,7 +286,7 @@ def local_release_durable(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str
     makes it refuse (fail closed). Returns (counts or None if refused, metrics, new ledger JSON,
     error message saying why it refused).
     """
-    file = LedgerFile(silo_cfg.ledger_path) if silo_cfg.ledger_path and cfg.privacy.enabled else None
+    file = _ledger_file(cfg, silo_cfg)
     stored = None
     if file is not None:
         try:
@@ -393,6 +411,18 @@ def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[st
                         ledger_json: str | None, run: str, server_round: int, expected_rounds: int = 0,
                         prior: np.ndarray | None = None, say: Callable[[str], None] | None = None
                         ) -> tuple[dict[str, np.ndarray] | None, dict[str, float], str | None, str | None]:
+    """:func:`local_train` with the silo's ledger kept durably (node config ``ledger-path``), under
+    the silo's ledger lock (:meth:`~uirl.privacy.ledger_file.LedgerFile.locked`), so that two
+    processes of one silo never spend from the same ledger state."""
+    with _holding_ledger(cfg, silo_cfg):
+        return _train_durable(cfg, silo_cfg, global_state, ledger_json=ledger_json, run=run,
+                              server_round=server_round, expected_rounds=expected_rounds, prior=prior, say=say)
+
+
+def _train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray], *,
+                   ledger_json: str | None, run: str, server_round: int, expected_rounds: int,
+                   prior: np.ndarray | None, say: Callable[[str], None] | None
+                   ) -> tuple[dict[str, np.ndarray] | None, dict[str, float], str | None, str | None]:
     """:func:`local_train` with the silo's ledger kept durably (node config ``ledger-path``).
 
     ``ledger_json`` is the ledger the node's own state holds (simulation); the ledger file, when
@@ -405,7 +435,7 @@ def local_train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[st
     sends the same bytes.
     See :mod:`uirl.privacy.ledger_file` for the replay/refuse rule.
     """
-    file = LedgerFile(silo_cfg.ledger_path) if silo_cfg.ledger_path and cfg.privacy.enabled else None
+    file = _ledger_file(cfg, silo_cfg)
     release = popularity = None
     if file is not None:
         try:

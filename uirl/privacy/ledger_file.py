@@ -21,12 +21,16 @@ and never answered with two different updates. The popularity release follows th
 again in the same run, the silo sends the stored counts (the same noise: no new cost); a new run
 releases anew, and the ledger composes both. A ledger that is corrupt, or missing while the
 released-update file next to it shows it existed, makes the silo refuse to train (fail closed).
+Every read -> spend -> write runs under the silo's exclusive lock on the file (:meth:`LedgerFile.locked`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +102,21 @@ class LedgerFile:
         self.path = Path(path)
         self.release_path = self.path.with_name(self.path.name + ".release.safetensors")
         self.popularity_path = self.path.with_name(self.path.name + ".popularity.safetensors")
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the silo's exclusive lock on this ledger (an advisory ``flock`` on ``<ledger-path>.lock``)
+        for a whole read -> spend -> write. Two ClientApp processes of one silo (two runs, or two
+        messages at once) would otherwise both read the same ledger, both spend, and the second write
+        would drop the first spend. The other process waits until the lock is released."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def read(self) -> StoredLedger | None:
         """The stored ledger, or None for a silo that never released anything.
