@@ -27,13 +27,12 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore import log
 
 from uirl.config import Config, from_run_config
+from uirl.federated import RELEASE_TASK
 from uirl.privacy.popularity import release_scale
 
-#: Must match server/secagg.py: the names of the arrays sent, and of those whose delta is masked,
-#: and the key that makes a round the popularity release.
+#: Must match server/secagg.py: the names of the arrays sent, and of those whose delta is masked.
 ARRAY_NAMES = "array-names"
 DELTA_NAMES = "delta-names"
-RELEASE_TASK = "popularity-release"
 
 
 def secagg_when_configured(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -48,7 +48,7 @@ from flwr.supercore import log
 from server.strategy import ValidatingFedAvg, log_warning
 from uirl.aggregation import UpdateRejected, aggregate_bound, check_update
 from uirl.config import Config
-from uirl.federated import COUNTS_ARRAY
+from uirl.federated import COUNTS_ARRAY, RELEASE_TASK
 from uirl.privacy.popularity import SECAGG_INTEGER_RANGE, release_scale
 from uirl.replies import TrainReply
 from uirl.rounds import RoundResult, SiloReply, check_replies
@@ -58,8 +58,6 @@ from uirl.rounds import RoundResult, SiloReply, check_replies
 ARRAY_NAMES = "array-names"
 #: Config key naming the trainable arrays, in the order of the masked delta.
 DELTA_NAMES = "delta-names"
-#: Config key that makes a SecAgg+ round the popularity release instead of training (client/secagg.py).
-RELEASE_TASK = "popularity-release"
 
 
 class _MeanDelta(Strategy):

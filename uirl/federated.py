@@ -51,6 +51,9 @@ STATUS_UNSUPPORTED = 4  # asked for something this silo's configuration cannot d
 # Wire names shared by server/app.py and client/app.py (defined here because uirl/ never imports Flower).
 #: The ClientApp's query action for the silo's one popularity release (message type ``query.<action>``).
 RELEASE_ACTION = "popularity_release"
+#: Config key of the SecAgg+ round that is the popularity release (``popularity-noise-shares`` > 1)
+#: rather than training: server/secagg.py sets it, client/secagg.py answers it.
+RELEASE_TASK = "popularity-release"
 #: The silo's released popularity counts, in the release reply's ArrayRecord.
 COUNTS_ARRAY = "uirl.popularity-counts"
 #: The server's popularity prior, next to the adapter arrays in every train and evaluate message.
@@ -236,10 +239,10 @@ def local_release(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None
     worker, silo = _worker(cfg, silo_cfg)
     index = {i: k for k, i in enumerate(catalogue_ids(silo))}
     user_items = [u.train_items for u in silo.users]
-    counts = user_normalised_counts(user_items, index)
     base = {"num-examples": float(len(silo.users)), "silo": float(silo.silo_id)}
     if not cfg.privacy.enabled:
-        return counts, {**base, "status": float(STATUS_OK), **_privacy_metrics(None)}, None
+        return user_normalised_counts(user_items, index), \
+            {**base, "status": float(STATUS_OK), **_privacy_metrics(None)}, None
     ledger = PrivacyLedger.from_json(ledger_json) if ledger_json else new_ledger(cfg, silo_cfg, len(silo.users))
     if ledger.popularity_released:
         return None, {**base, "status": float(STATUS_REPLAY_REFUSED), **_privacy_metrics(ledger)}, ledger.to_json()
@@ -251,7 +254,9 @@ def local_release(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None
                                     noise_multiplier=sigma, shares=shares, scale=scale, rng=secure_sampling_rng())
         added = sigma / math.sqrt(shares)
     else:
-        noisy, added = gaussian_release(counts, noise_multiplier=sigma, rng=secure_sampling_rng()), sigma
+        noisy = gaussian_release(user_normalised_counts(user_items, index), noise_multiplier=sigma,
+                                 rng=secure_sampling_rng())
+        added = sigma
     ledger.record_release(sigma)  # the Gaussian mechanism the (sum of the) release(s) is, at noise sigma
     return noisy, {**base, "status": float(STATUS_OK), "release-noise": added, **_privacy_metrics(ledger)}, \
         ledger.to_json()

@@ -46,7 +46,7 @@ Values travel in count units (the integers divided by ``scale``, a power of two:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from opacus.accountants import create_accountant
@@ -54,14 +54,20 @@ from opacus.accountants import create_accountant
 from uirl.privacy.accountant import PrivacyError, _epsilon_kwargs, plan_noise_multiplier
 
 
-def user_normalised_counts(user_items: Sequence[Sequence[str]], item_index: Mapping[str, int]) -> np.ndarray:
-    """(N,) sum over users of x_u (1/sqrt(n_u) on each of the user's distinct items in the index)."""
-    counts = np.zeros(len(item_index), dtype=np.float64)
+def _per_user_sum(user_items: Sequence[Sequence[str]], item_index: Mapping[str, int],
+                  weight: Callable[[int], float | int], dtype: type) -> np.ndarray:
+    """(N,) sum over users of ``weight(n_u)`` on each of the user's n_u distinct items in the index."""
+    counts = np.zeros(len(item_index), dtype=dtype)
     for items in user_items:
         rows = sorted({item_index[i] for i in items if i in item_index})
         if rows:
-            counts[rows] += 1.0 / math.sqrt(len(rows))
+            counts[rows] += weight(len(rows))
     return counts
+
+
+def user_normalised_counts(user_items: Sequence[Sequence[str]], item_index: Mapping[str, int]) -> np.ndarray:
+    """(N,) sum over users of x_u (1/sqrt(n_u) on each of the user's distinct items in the index)."""
+    return _per_user_sum(user_items, item_index, lambda n: 1.0 / math.sqrt(n), np.float64)
 
 
 def gaussian_release(counts: np.ndarray, *, noise_multiplier: float, rng: np.random.Generator) -> np.ndarray:
@@ -86,12 +92,7 @@ def release_scale(max_users: int) -> int:
 def integer_counts(user_items: Sequence[Sequence[str]], item_index: Mapping[str, int], scale: int) -> np.ndarray:
     """(N,) int64: the sum over users of ``floor(scale / sqrt(n_u))`` on each of the user's n_u distinct
     items in the index. One user's vector has L2 norm ``sqrt(n_u) x floor(scale / sqrt(n_u)) <= scale``."""
-    counts = np.zeros(len(item_index), dtype=np.int64)
-    for items in user_items:
-        rows = sorted({item_index[i] for i in items if i in item_index})
-        if rows:
-            counts[rows] += math.floor(scale / math.sqrt(len(rows)))
-    return counts
+    return _per_user_sum(user_items, item_index, lambda n: math.floor(scale / math.sqrt(n)), np.int64)
 
 
 def discrete_gaussian(sigma: float, size: int, rng: np.random.Generator) -> np.ndarray:
