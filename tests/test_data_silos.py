@@ -1,8 +1,10 @@
-"""Silos: partitionings by flwr-datasets, each silo loading only its own users, and a federated round."""
+"""Silos: IID, natural and Dirichlet partitionings, each silo loading only its own users, and a federated round."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 
 import numpy as np
 import pandas as pd
@@ -56,6 +58,51 @@ def test_dirichlet_partitions_skew_the_label_mix_more_for_small_alpha():
         return float(np.mean([np.abs(s.to_numpy() - np.array([60, 20, 10]) / 90).sum() for s in shares]))
 
     assert skew(0.1) > skew(100.0)
+
+
+def test_iid_and_natural_assignments_equal_those_of_flwr_datasets():
+    """Committed results were computed with flwr-datasets' IidPartitioner (on a Hugging Face
+    ``Dataset`` shuffled with the seed) and NaturalIdPartitioner: ours give the same silos."""
+    datasets = pytest.importorskip("datasets")
+    partitioner = pytest.importorskip("flwr_datasets.partitioner")
+
+    def theirs(p, n):  # as uirl's assign used them, quietly (a progress bar for natural ids)
+        with contextlib.redirect_stderr(io.StringIO()):
+            return [sorted(p.load_partition(i)["user_id"]) for i in range(n)]
+
+    for size, seed in [(1, 0), (7, 3), (90, 1), (101, 2), (250, 42), (1001, 7)]:
+        rng = np.random.default_rng(size)
+        ids = [f"u{rng.integers(10**6)}-{i}" for i in range(size)]
+        job = rng.choice(["b", "a", "c c", "Z", "é"], size).tolist()
+        users = pd.DataFrame({"user_id": ids, "job": job})
+        for n in {1, 2, 3, 4, 7, 10} & set(range(1, size + 1)):
+            iid = partitioner.IidPartitioner(n)
+            iid.dataset = datasets.Dataset.from_dict({"user_id": ids}).shuffle(seed=seed)
+            ours = assign(users, partitioning="iid", partition_by="", alpha=0.5, num_partitions=n, seed=seed)
+            assert ours == theirs(iid, n), (size, seed, n)
+        natural = partitioner.NaturalIdPartitioner(partition_by="job")
+        natural.dataset = datasets.Dataset.from_dict({"user_id": ids, "job": job})
+        k = len(set(job))
+        ours = assign(users, partitioning="natural", partition_by="job", alpha=0.5, num_partitions=k, seed=seed)
+        assert ours == theirs(natural, k), (size, seed)
+
+
+def test_dirichlet_is_deterministic_disjoint_complete_and_refuses_a_hopeless_setting():
+    from uirl.errors import DataError
+
+    def parts(seed, alpha=0.5, n=4, users=USERS):
+        return assign(users, partitioning="dirichlet", partition_by="", alpha=alpha, num_partitions=n, seed=seed)
+
+    for seed in range(5):
+        first = parts(seed)
+        assert first == parts(seed) and all(first) and all(p == sorted(p) for p in first)
+        flat = [u for p in first for u in p]
+        assert sorted(flat) == sorted(USERS["user_id"]) and len(set(flat)) == len(flat)
+    assert len({str(parts(seed)) for seed in range(5)}) == 5
+    with pytest.raises(DataError, match="num-partitions.*use fewer silos or a larger dirichlet-alpha"):
+        parts(0, n=5, users=USERS.head(2))
+    with pytest.raises(DataError, match="num-partitions.*left a silo empty"):
+        parts(0, alpha=1e-3, n=30, users=USERS.head(40))
 
 
 def test_each_silo_loads_only_its_own_users_with_the_fixed_lists(ml_dir):

@@ -48,8 +48,8 @@ def test_uirl_config_prints_the_table(capsys):
 
 
 def test_the_library_never_imports_flower():
-    """uirl/ is Flower-free (DESIGN.md): importing every module, and partitioning users with the
-    standalone flwr-datasets partitioners, loads no ``flwr`` module."""
+    """uirl/ is Flower-free (DESIGN.md): importing every module, and partitioning users every way
+    (uirl's own numpy partitioners), loads no ``flwr``, ``flwr_datasets`` or ``datasets`` module."""
     import subprocess
     import sys
 
@@ -61,7 +61,8 @@ def test_the_library_never_imports_flower():
         "users = pd.DataFrame({'user_id': [f'u{i}' for i in range(12)], 'job': list('ab') * 6})\n"
         "for p in ('iid', 'natural', 'dirichlet'):\n"
         "    assign(users, partitioning=p, partition_by='job', alpha=0.5, num_partitions=2, seed=0)\n"
-        "print(sorted(m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')))\n"
+        "names = ('flwr', 'flwr_datasets', 'datasets')\n"
+        "print(sorted(m for m in sys.modules if m in names or m.startswith(tuple(n + '.' for n in names))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
