@@ -13,19 +13,26 @@ from pathlib import Path
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def word_vocabulary() -> list[str]:
+    """The special tokens, then every word of the synthetic catalogue's texts and topics, sorted."""
+    from uirl.data import TOPICS, SyntheticSpec, generate
+
+    data = generate(SyntheticSpec(num_users=60, num_items=2000, num_silos=2, seed=0))
+    return SPECIAL + sorted({w for t in data.items["text"] for w in re.findall(r"[a-z]+", t.lower())}
+                            | {w for words in TOPICS.values() for w in words})
+
+
 def save_tiny_encoder(path: str | Path, *, seed: int = 0) -> str:
     """Write the model and its word-level tokenizer to ``path`` (reused if already there)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from uirl.data import TOPICS, SyntheticSpec, generate
+    from uirl.data import TOPICS
 
     path = Path(path)
     if (path / "config.json").exists():
         return str(path)
-    data = generate(SyntheticSpec(num_users=60, num_items=2000, num_silos=2, seed=0))
-    vocab = SPECIAL + sorted({w for t in data.items["text"] for w in re.findall(r"[a-z]+", t.lower())}
-                             | {w for words in TOPICS.values() for w in words})
+    vocab = word_vocabulary()
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     tok = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)

@@ -87,3 +87,54 @@ def test_padding_counts_by_hand():
     assert out["layouts"]["per-row-2"]["positions"] == 2 * 3 + 2 * 8  # {2, 3} and {5, 8}
     assert out["layouts"]["per-user-2"]["positions"] == 2 * 5 + 2 * 8  # user 0 and user 1
     assert out["layouts"]["per-row-2"]["positions/one-call"] == pytest.approx(22 / 32)
+
+
+def test_decoder_model_flops_count_each_layer_matrix_twice_per_position_plus_attention(tmp_path):
+    """The FLOP count of the decoder section: 2 x the layers' matrices per position (counted from
+    the saved model's own Linear layers and, for Qwen2-0.5B's shape, against its published 0.36B
+    non-embedding parameters), 4 x hidden x width for attention, and a step twice the forward."""
+    from torch import nn
+    from transformers import AutoConfig, AutoModel
+
+    from simulation.bench.decoder import (SHAPES, datasheet_peaks, forward_flops_per_position,
+                                          layer_matrix_parameters, save_random_decoder, step_flops)
+
+    path = save_random_decoder(tmp_path / "tiny-decoder", "tiny")
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModel.from_pretrained(path)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert linear == layer_matrix_parameters(path) == 2 * (64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 128)
+    width = 9
+    attention = config.num_hidden_layers * 4 * config.hidden_size * width
+    assert forward_flops_per_position(config, width) == 2 * linear + attention
+    assert step_flops(config, [(3, 5), (2, 7)]) == 2 * (15 * forward_flops_per_position(config, 5)
+                                                        + 14 * forward_flops_per_position(config, 7))
+    qwen = AutoConfig.for_model(SHAPES["qwen2-0.5b"][0], **SHAPES["qwen2-0.5b"][1])
+    per_layer = 896 * 896 * 2 + 2 * 896 * 128 + 3 * 896 * 4864
+    assert forward_flops_per_position(qwen, 0) == 2 * 24 * per_layer
+    assert round(24 * per_layer / 1e9, 2) == 0.36  # Qwen2-0.5B: 0.36B non-embedding parameters
+    assert datasheet_peaks("NVIDIA H100 80GB HBM3")["bf16"] == 989.4
+    assert datasheet_peaks("NVIDIA H100 PCIe")["bf16"] == 756.0
+    assert datasheet_peaks("NVIDIA H200")["fp32"] == 67.0
+    assert datasheet_peaks("Tesla T4") is None
+
+
+def test_quick_decoder_section_reports_flops_per_second_and_mfu_from_its_own_medians(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "simulation.bench", "--quick", "--only", "decoder",
+                           "--peak-tflops", "0.5", "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text(encoding="utf-8")
+    assert "uirl-bench-" not in text  # the temporary decoder is named, not its path
+    dec = json.loads(text)["sections"]["decoder"]
+    assert dec["shape"] == "tiny" and dec["device"] == "cpu" and dec["arithmetic"] == "fp32"
+    assert dec["positions"] == sum(c["rows"] * c["width"] for c in dec["calls"]) >= dec["real-tokens"]
+    assert sum(c["rows"] for c in dec["calls"]) == dec["texts"]
+    for kind in ("non-private", "dp"):
+        tflops = dec["model-flops-per-step"] / dec["seconds"][kind]["median"] / 1e12
+        assert math.isclose(dec["tflops"][kind], tflops, rel_tol=1e-9)
+        assert math.isclose(dec["mfu"][kind], tflops / 0.5, rel_tol=1e-9)
+        assert dec["mfu-vs-bf16-peak"][kind] is None  # no datasheet for a CPU
+    assert dec["peak-tflops-source"] == "--peak-tflops"

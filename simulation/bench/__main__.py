@@ -1,8 +1,8 @@
 """Where a run's time, memory and bytes go: one command, one JSON file, one table.
 
-    python -m simulation.bench [--quick] [--only step,threads,scaling,anatomy,bytes,padding] [--out docs/results/bench.json]
+    python -m simulation.bench [--quick] [--only step,threads,scaling,anatomy,bytes,padding,decoder] [--out docs/results/bench.json]
 
-Sections (all by default; ``anatomy`` is left out of ``--quick`` unless named in ``--only``):
+Sections (all but ``decoder`` by default; ``anatomy`` is left out of ``--quick`` unless named in ``--only``):
 
 - ``step``: one training step on the same batch (N users of the synthetic default, one training
   example each), ``lora`` mode, all-MiniLM-L6-v2 with the default LoRA config: non-private, the
@@ -19,6 +19,11 @@ Sections (all by default; ``anatomy`` is left out of ``--quick`` unless named in
 - ``padding``: the share of a ``lora`` step's token positions that is padding, and what per-user
   micro-batches or per-row length buckets would leave (:mod:`simulation.bench.padding`; counts, no
   timing).
+- ``decoder`` (only when named in ``--only``): the ``lora`` non-private and DP steps with a decoder
+  LLM of a published shape and random weights as the encoder (``--decoder``, default Qwen2-0.5B's
+  shape; ``tiny`` with ``--quick``), their model FLOPs, TFLOP/s and model FLOP utilisation on the
+  run config's ``device`` (:mod:`simulation.bench.decoder`). Meant for a GPU:
+  ``--only decoder --run-config "device='cuda'"``.
 
 ``--run-config`` overrides apply to the step, threads, padding and bytes sections (a converted
 dataset, say); the scaling and anatomy sections always use the tiny model on synthetic data.
@@ -42,7 +47,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("step", "threads", "scaling", "anatomy", "bytes", "padding")
+SECTIONS = ("step", "threads", "scaling", "anatomy", "bytes", "padding", "decoder")
+#: Sections run when ``--only`` is not given (``decoder`` builds a 0.5B+ model: ask for it).
+DEFAULT_SECTIONS = SECTIONS[:-1]
 TINY_LABEL = "tiny random BERT (simulation/tiny_encoder.py: 2 layers, hidden 32)"
 #: The issue's targets: DP step / non-private step at the default thread setting; 100 silos x 5 rounds.
 DP_RATIO_TARGET = 1.10
@@ -159,6 +166,20 @@ def print_tables(result: dict, console) -> None:
             t.add_row(name, str(lay["calls"]), _fmt(lay["positions"]), f"{100 * lay['padding-share']:.1f} %",
                       _fmt(lay["positions/one-call"], 2))
         console.print(t)
+    if "decoder" in s:
+        de = s["decoder"]
+        d = de["decoder"]
+        t = Table(title=f"lora step, random {de['shape']} decoder ({d['layers']} layers, hidden {d['hidden']}, "
+                        f"{d['matrix-parameters']:,} matrix parameters) on {de['device-name'] or de['device']}, "
+                        f"{de['users']} users, {de['texts']} texts, {de['positions']:,} positions, "
+                        f"{de['model-flops-per-step'] / 1e12:.3f} model TFLOPs a step, median of {de['repeats']}")
+        for col in ("step", "median s", "TFLOP/s", f"MFU ({de['arithmetic']} peak)", "MFU (bf16 peak)"):
+            t.add_column(col, justify="right" if col != "step" else "left")
+        for kind, sec in de["seconds"].items():
+            mfu, bf16 = de["mfu"][kind], de["mfu-vs-bf16-peak"][kind]
+            t.add_row(kind, _fmt(sec["median"]), f"{de['tflops'][kind]:.3g}",
+                      "-" if mfu is None else f"{100 * mfu:.1f} %", "-" if bf16 is None else f"{100 * bf16:.1f} %")
+        console.print(t)
     for tg in result["targets"]:
         met = {True: "[green]met[/green]", False: "[red]not met[/red]", None: "not measured"}[tg["met"]]
         console.print(f"target: {tg['target']}: {met}")
@@ -166,7 +187,8 @@ def print_tables(result: dict, console) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulation.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections ({', '.join(SECTIONS)})")
+    parser.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                        help=f"comma-separated sections ({', '.join(SECTIONS)}; all but decoder by default)")
     parser.add_argument("--quick", action="store_true", help="tiny model, few repeats: a smoke test (about a minute)")
     parser.add_argument("--out", default="docs/results/bench.json")
     parser.add_argument("--users", type=int, default=None, help="users per step (default 32; quick 16)")
@@ -177,14 +199,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per scaling cell (default 5; quick 1)")
     parser.add_argument("--cell-timeout", type=float, default=600.0, help="seconds before a scaling cell is stopped")
     parser.add_argument("--run-config", default="",
-                        help="run-config overrides for the step, threads, padding and bytes sections, "
+                        help="run-config overrides for the step, threads, padding, bytes and decoder sections, "
                              "e.g. \"dataset='/data/ml-uirl' partitioning='iid'\"")
+    parser.add_argument("--decoder", default=None,
+                        help="decoder section: the shape (qwen2-0.5b, llama-1b or tiny; default qwen2-0.5b, quick tiny)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="decoder section: the device's peak TFLOP/s for MFU (default: datasheet value of a known GPU)")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    if args.quick and "anatomy" in only and args.only == ",".join(SECTIONS):
+    from simulation.bench.decoder import SHAPES
+
+    if args.decoder is not None and args.decoder not in SHAPES:
+        parser.error(f"--decoder must be one of {', '.join(SHAPES)}, not {args.decoder!r}")
+    if args.quick and "anatomy" in only and args.only == ",".join(DEFAULT_SECTIONS):
         only.remove("anatomy")
     from uirl.config import from_run_config
     from uirl.errors import UirlError
@@ -223,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         step_base.update({"model-name": tiny, "synthetic-users": 90, "synthetic-items": 300})
     lora, cached = (from_run_config({**step_base, "train-mode": m}) for m in ("lora", "cached"))
     sections: dict = {}
+    result_paths: list[tuple[str, str]] = [(tiny, TINY_LABEL)]
     try:
         for name in only:
             log(f"section {name}")
@@ -241,6 +272,16 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "anatomy":
                 from simulation.bench.anatomy import anatomy_section
                 sections[name] = anatomy_section(tiny, silos=3, rounds=3, users_per_silo=30, work=work, log=log)
+            elif name == "decoder":
+                from simulation.bench.decoder import decoder_section, save_random_decoder
+                shape = args.decoder or ("tiny" if args.quick else "qwen2-0.5b")
+                log(f"building a random {shape} decoder")
+                decoder = save_random_decoder(work / f"decoder-{shape}", shape)
+                sections[name] = decoder_section(from_run_config({**step_base, "train-mode": "lora",
+                                                                  "model-name": decoder}),
+                                                 users=users, repeats=repeats, peak=args.peak_tflops)
+                sections[name]["shape"] = shape
+                result_paths.append((decoder, f"random {shape} decoder"))
             elif name == "padding":
                 from simulation.bench.padding import padding_section
                 sections[name] = padding_section(lora, users=users)
@@ -257,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                   "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(began)),
                   "seconds": round(time.time() - began, 1), "machine": measured_on,
                   "sections": sections, "targets": targets(sections)}
-        result = _relabel(result, tiny, TINY_LABEL)
+        for path, label in result_paths:
+            result = _relabel(result, path, label)
         out = Path(args.out)
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         print_tables(result, Console())
