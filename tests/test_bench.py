@@ -138,3 +138,36 @@ def test_quick_decoder_section_reports_flops_per_second_and_mfu_from_its_own_med
         assert math.isclose(dec["mfu"][kind], tflops / 0.5, rel_tol=1e-9)
         assert dec["mfu-vs-bf16-peak"][kind] is None  # no datasheet for a CPU
     assert dec["peak-tflops-source"] == "--peak-tflops"
+
+
+def test_the_decoder_sections_calls_are_the_encoder_calls_a_step_makes(tmp_path):
+    """The positions the FLOP count uses are those the encoder really sees in a DP step: every
+    call of the decoder's token embedding during one step, as (rows, width)."""
+    import torch
+    from torch import nn
+
+    from simulation.bench.decoder import save_random_decoder, step_calls
+    from simulation.bench.steps import make_step
+    from uirl.config import from_run_config
+
+    path = save_random_decoder(tmp_path / "tiny-decoder", "tiny")
+    vocab = len((Path(path) / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    for buckets in (1, 3):
+        cfg = from_run_config({"device": "cpu", "train-mode": "lora", "model-name": path, "synthetic-users": 90,
+                               "synthetic-items": 300, "length-buckets": buckets})
+        _, calls = step_calls(cfg, users=6)
+        step = make_step(cfg, users=6, kind="dp")
+        seen = []
+
+        def note(module, args):
+            if isinstance(module, nn.Embedding) and module.num_embeddings == vocab:
+                seen.append(tuple(args[0].shape))
+
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(note)
+        try:
+            step.take()
+        finally:
+            handle.remove()
+            step.close()
+        assert len(calls) == buckets
+        assert sorted(seen) == sorted(calls)

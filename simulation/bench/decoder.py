@@ -102,23 +102,32 @@ def peak_tflops(device: torch.device) -> tuple[str | None, dict[str, float] | No
     return name, datasheet_peaks(name)
 
 
+def step_calls(cfg: Config, *, users: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """The token length of each text of the step's fixed batch (:func:`simulation.bench.steps.fixed_batch`)
+    and the (rows, width) of each encoder call the step makes: the rows sorted by length and cut
+    into ``length-buckets`` calls, each as wide as its longest row."""
+    from simulation.bench.padding import row_buckets
+    from simulation.bench.steps import fixed_batch, model_and_bank
+
+    _, bank, silo = model_and_bank(cfg)
+    batch = bank.make_batch(fixed_batch(cfg, silo, bank, users), tokens=False)
+    lengths = [len(bank.token_ids(k)) for k in batch.row_keys]
+    buckets = row_buckets(lengths, min(cfg.model.length_buckets, len(lengths)))
+    return lengths, [(len(rows), max(lengths[i] for i in rows)) for rows in buckets if rows]
+
+
 def decoder_section(cfg: Config, *, users: int, repeats: int, peak: float | None = None) -> dict:
     """Seconds, model FLOPs, TFLOP/s and MFU of the non-private and DP ``lora`` steps of ``cfg``
     (whose ``model-name`` is a decoder from :func:`save_random_decoder`), interleaved."""
     from transformers import AutoConfig
 
     from simulation.bench.measure import interleaved, spread
-    from simulation.bench.padding import row_buckets
-    from simulation.bench.steps import fixed_batch, make_step, model_and_bank
+    from simulation.bench.steps import make_step
     from uirl.train import resolve_device
 
     device = resolve_device(cfg.train.device)
     config = AutoConfig.from_pretrained(cfg.model.name)
-    _, bank, silo = model_and_bank(cfg)
-    batch = bank.make_batch(fixed_batch(cfg, silo, bank, users), tokens=False)
-    lengths = [len(bank.token_ids(k)) for k in batch.row_keys]
-    buckets = row_buckets(lengths, min(cfg.model.length_buckets, len(lengths)))
-    calls = [(len(rows), max(lengths[i] for i in rows)) for rows in buckets if rows]
+    lengths, calls = step_calls(cfg, users=users)
     flops = step_flops(config, calls)
 
     steps = {kind: make_step(cfg, users=users, kind=kind) for kind in ("non-private", "dp")}
