@@ -171,3 +171,16 @@ def test_the_decoder_sections_calls_are_the_encoder_calls_a_step_makes(tmp_path)
             step.close()
         assert len(calls) == buckets
         assert sorted(seen) == sorted(calls)
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--decoder", "tiny"], "apply to the decoder section"),
+    (["--only", "decoder", "--peak-tflops", "-1"], "--peak-tflops must be a number > 0"),
+    (["--only", "decoder", "--decoder", "big"], "--decoder must be one of qwen2-0.5b, llama-1b, tiny"),
+])
+def test_decoder_options_are_refused_with_a_reason_before_any_work(args, said, capsys):
+    from simulation.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2 and said in capsys.readouterr().err

@@ -214,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.decoder is not None and args.decoder not in SHAPES:
         parser.error(f"--decoder must be one of {', '.join(SHAPES)}, not {args.decoder!r}")
+    if (args.decoder is not None or args.peak_tflops is not None) and "decoder" not in only:
+        parser.error("--decoder and --peak-tflops apply to the decoder section: add it, e.g. --only decoder")
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        parser.error(f"--peak-tflops must be a number > 0, not {args.peak_tflops}")
     if args.quick and "anatomy" in only and args.only == ",".join(DEFAULT_SECTIONS):
         only.remove("anatomy")
     from uirl.config import from_run_config
