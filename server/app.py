@@ -42,6 +42,7 @@ from server.strategy import ValidatingFedAvg
 from uirl.aggregation import require_finite
 from uirl.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from uirl.config import Config, from_run_config, to_run_config
+from uirl.launch.run_config import refuse_what_flower_runs_lack
 from uirl.model.build import build_model, save_adapter
 from uirl.rounds import round_summary, silo_epsilons
 from uirl.rundir import RunDirectory, announce
@@ -176,6 +177,7 @@ def _prior(grid: Grid, context: Context, cfg: Config, run: RunDirectory, recorde
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
+    refuse_what_flower_runs_lack(cfg)
     fed = cfg.federation
     model, encoder = build_model(cfg)
     initial = {name: t.cpu().numpy() for name, t in model.adapter_state().items()}

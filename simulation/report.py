@@ -78,6 +78,8 @@ def group(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         shares = int(first.get("run-config", {}).get("popularity-noise-shares", 1))
         if shares > 1 and merged.get("guarantee", "none") != "none":
             merged["guarantee"] += f", release: SecAgg+ sum of {shares} noise shares"
+        if first.get("run-config", {}).get("local-prior") is True:
+            merged["guarantee"] += "; silos score with their own counts (local prior)"
         out.append(merged)
     order = {m: i for i, m in enumerate(("federated", "central-dp") + BASELINES)}
     return sorted(out, key=lambda r: (order.get(r["method"], 99), r["target"]))
@@ -302,7 +304,9 @@ def markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]], sweep_tex
              "whole silo (the server adds the noise); `none`: no formal guarantee; `release: SecAgg+ sum "
              "of k noise shares`: the popularity release's noise is split over the silos and only its sum is "
              "seen, so its share of the guarantee assumes at least k honest silos (README, Distributed noise "
-             "for the popularity release).", "",
+             "for the popularity release); `local prior`: each silo scores its own users with its own "
+             "exact item counts plus the other silos' part of the released sum, training with the released "
+             "prior only (README, Run configuration).", "",
              utility_table(groups), ""]
     if any(_FULL[0] in g for g in groups):
         parts += ["Ranked against the whole catalogue instead of the sampled candidates (the items the user "

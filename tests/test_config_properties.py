@@ -79,6 +79,7 @@ def valid_run_configs(draw) -> dict:
         values["popularity-noise-shares"] = min(values["popularity-noise-shares"], values["min-nodes"])
     else:
         values["popularity-noise-shares"] = 1
+    values["local-prior"] = values["local-prior"] and values["popularity-prior"]
     return values
 
 

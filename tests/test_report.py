@@ -83,3 +83,6 @@ def test_a_distributed_release_is_named_in_the_guarantee():
     labels = {g["target"]: g["guarantee"] for g in groups}
     assert labels == {8.0: "user-level per silo, release: SecAgg+ sum of 3 noise shares",
                       1.0: "user-level per silo", math.inf: "none"}
+    local = _row("federated", 8.0, 0.76)
+    local["run-config"]["local-prior"] = True
+    assert report.group([local])[0]["guarantee"] == "user-level per silo; silos score with their own counts (local prior)"

@@ -77,6 +77,11 @@ class ModelConfig:
         "score += w * log(1 + released item popularity); each silo releases its counts once with the Gaussian "
         "mechanism (under DP), w is learned")
     prior_weight: float = _key("prior-weight", 1.0, "the value w starts from")
+    local_prior: bool = _key(
+        "local-prior", False,
+        "with `popularity-prior`: each silo scores its own users (evaluation) with its own exact counts plus the "
+        "other silos' part of the released sum, E[log(1 + own + others) | release]; training still sees only the "
+        "released prior. In-process engine only (`python -m simulation.sweep`), not yet under `flwr run`")
 
     def __post_init__(self) -> None:
         _check(self.train_mode in ("lora", "cached"), "train-mode", self.train_mode, "lora or cached")
@@ -426,6 +431,8 @@ class Config:
                "popularity-prior", self.model.popularity_prior,
                "false with secagg when dp is off (each silo would send the server its exact item counts "
                "in the clear); turn dp on or popularity-prior off")
+        _check(not self.model.local_prior or self.model.popularity_prior, "local-prior", self.model.local_prior,
+               "false unless popularity-prior = true (it changes how a silo scores with the released prior)")
         shares = self.privacy.popularity_noise_shares
         if shares > 1:
             _check(self.model.popularity_prior, "popularity-noise-shares", shares,

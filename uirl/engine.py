@@ -23,8 +23,8 @@ import numpy as np
 
 from uirl.config import Config, SiloConfig
 from uirl.errors import RunFailed, UirlError
-from uirl.federated import (COUNTS_ARRAY, EvaluationWithheld, hash_seed, local_evaluate, local_release, local_train,
-                            released_update)
+from uirl.federated import (COUNTS_ARRAY, EvaluationWithheld, ReleasedSum, hash_seed, local_evaluate, local_release,
+                            local_train, released_update)
 from uirl.privacy.popularity import prior_from_counts
 from uirl.model import InterestModel
 from uirl.model.build import build_model
@@ -88,21 +88,27 @@ def _sample_silos(cfg: Config, num_silos: int, rng: np.random.Generator) -> list
     return sorted(rng.choice(num_silos, size=size, replace=False).tolist())
 
 
-def popularity_prior(released: list[np.ndarray], noise: list[float] | None = None) -> np.ndarray | None:
-    """The server's prior from the silos' released count vectors and each one's noise standard
-    deviation (0 for exact counts): :func:`~uirl.privacy.popularity.prior_from_counts` of the sum."""
+def released_sum(released: list[np.ndarray], noise: list[float] | None = None) -> ReleasedSum | None:
+    """The sum of the silos' released count vectors and its noise standard deviation, from each
+    one's (0 for exact counts); None if no silo released."""
     if not released:
         return None
     if len({len(c) for c in released}) != 1:
         raise UirlError("silos released popularity counts over catalogues of different sizes")
-    noise_std = math.sqrt(sum(s * s for s in noise or []))
-    return prior_from_counts(np.sum(released, axis=0), noise_std)
+    return ReleasedSum(np.sum(released, axis=0), math.sqrt(sum(s * s for s in noise or [])))
+
+
+def popularity_prior(released: list[np.ndarray], noise: list[float] | None = None) -> np.ndarray | None:
+    """The server's prior from the silos' released count vectors and each one's noise standard
+    deviation (0 for exact counts): :func:`~uirl.privacy.popularity.prior_from_counts` of the sum."""
+    total = released_sum(released, noise)
+    return None if total is None else prior_from_counts(total.counts, total.noise_std)
 
 
 def _release_prior(cfg: Config, silos: list[SiloConfig], ledgers: dict[int, str | None]
-                   ) -> tuple[np.ndarray | None, dict[int, str | None]]:
+                   ) -> tuple[ReleasedSum | None, dict[int, str | None]]:
     """Every silo's popularity release, each checked by :func:`uirl.replies.check_release` as the
-    ServerApp checks it, and the prior from those released (None if every silo refused); with the
+    ServerApp checks it, and the sum of those released (None if every silo refused); with the
     silos' new ledgers. These silos run this process's own code, so a rejected release is a bug, not
     a hostile silo: it stops the run instead of quietly leaving that silo out."""
     out = [local_release(cfg, s, ledger_json=ledgers[k]) for k, s in enumerate(silos)]
@@ -118,17 +124,18 @@ def _release_prior(cfg: Config, silos: list[SiloConfig], ledgers: dict[int, str 
     shares = cfg.privacy.popularity_noise_shares
     if len(released) < shares:  # the sum would hold less noise than the silos' ledgers record
         raise RunFailed(f"popularity-noise-shares = {shares} but only {len(released)} silo(s) released their counts")
-    prior = popularity_prior([r.counts for r in released], [r.noise for r in released])
-    return prior, {k: ledger for k, (_, _, ledger) in enumerate(out)}
+    total = released_sum([r.counts for r in released], [r.noise for r in released])
+    return total, {k: ledger for k, (_, _, ledger) in enumerate(out)}
 
 
-def reported_metrics(cfg: Config, silos: list[SiloConfig], state: dict[str, np.ndarray], prior: np.ndarray | None
-              ) -> list[dict[str, float]]:
-    """The evaluation metrics of the silos that report them (see :class:`~uirl.federated.EvaluationWithheld`)."""
+def reported_metrics(cfg: Config, silos: list[SiloConfig], state: dict[str, np.ndarray], prior: np.ndarray | None,
+                     release: ReleasedSum | None = None) -> list[dict[str, float]]:
+    """The evaluation metrics of the silos that report them (see :class:`~uirl.federated.EvaluationWithheld`);
+    ``release`` is what the silos' ``local-prior`` reads."""
     out = []
     for silo in silos:
         try:
-            out.append(local_evaluate(cfg, silo, state, prior=prior))
+            out.append(local_evaluate(cfg, silo, state, prior=prior, release=release))
         except EvaluationWithheld:
             pass
     return out
@@ -148,16 +155,17 @@ def run_federated(cfg: Config, num_silos: int, *, on_round: Callable[[dict[str, 
     state = dict(initial)
     ledgers: dict[int, str | None] = {k: None for k in range(num_silos)}
     rng = np.random.default_rng(hash_seed(cfg.train.seed, 7919))
-    prior = None
+    prior, release = None, None
     if cfg.model.popularity_prior:  # each silo's (noised) counts, checked and summed by the server
-        prior, ledgers = _release_prior(cfg, silos, ledgers)
+        release, ledgers = _release_prior(cfg, silos, ledgers)
+        prior = None if release is None else prior_from_counts(release.counts, release.noise_std)
 
     def evaluate(server_round: int, extra: dict[str, Any]) -> None:
         metrics = {}
         every = cfg.federation.eval_every
         if server_round in (0, cfg.federation.num_rounds) or server_round % every == 0:
             started = time.perf_counter()
-            metrics = weighted_metrics(reported_metrics(cfg, silos, downlink(state, trainable), prior))
+            metrics = weighted_metrics(reported_metrics(cfg, silos, downlink(state, trainable), prior, release))
             metrics["eval-seconds"] = time.perf_counter() - started
         row = {"round": server_round, **extra, **metrics}
         rows.append(row)

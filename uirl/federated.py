@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from uirl.errors import UirlError
 from uirl.model.vector_cache import load_catalogue_vectors
 from uirl.privacy.dp_sgd import secure_sampling_rng
 from uirl.privacy.popularity import (distributed_release, gaussian_release, integer_counts, plan_sgd_noise_after_release,
-                                     release_noise, release_scale, user_normalised_counts)
+                                     prior_from_counts, release_noise, release_scale, user_normalised_counts)
 from uirl.threads import apply_threads
 from uirl.train import encode_texts, evaluate, sampling_plan, train_round
 
@@ -228,6 +229,30 @@ def popularity_noise(cfg: Config, target: float) -> float:
                          accountant=p.accountant)
 
 
+class ReleasedSum(NamedTuple):
+    """What the server holds after the popularity release: the sum of the silos' released count
+    vectors over :func:`catalogue_ids` and the standard deviation of the noise in it (0: exact)."""
+
+    counts: np.ndarray
+    noise_std: float
+
+
+def own_counts(cfg: Config, silo: Silo, *, integers: bool = False) -> np.ndarray:
+    """The silo's exact popularity counts over :func:`catalogue_ids`, as its release counts them:
+    the integer counts of a distributed release (``popularity-noise-shares`` > 1) when ``integers``,
+    else in count units (for a distributed release, those integers over their scale, as the SecAgg+
+    sum arrives), else each user's 1/sqrt(n) per training item."""
+    index = {i: k for k, i in enumerate(catalogue_ids(silo))}
+    user_items = [u.train_items for u in silo.users]
+    if cfg.privacy.enabled and cfg.privacy.popularity_noise_shares > 1:
+        scale = release_scale(cfg.federation.secagg_max_users)
+        counts = integer_counts(user_items, index, scale)
+        return counts if integers else counts.astype(np.float64) / scale
+    if integers:
+        raise ValueError("integer counts exist only for a distributed release")
+    return user_normalised_counts(user_items, index)
+
+
 def local_release(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None
                   ) -> tuple[np.ndarray | None, dict[str, float], str | None]:
     """The silo's popularity counts over :func:`catalogue_ids` (once per run), noised with the
@@ -237,12 +262,9 @@ def local_release(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None
     is always the standard deviation this silo added, in count units.
     Returns (counts or None if refused, metrics, new ledger JSON)."""
     worker, silo = _worker(cfg, silo_cfg)
-    index = {i: k for k, i in enumerate(catalogue_ids(silo))}
-    user_items = [u.train_items for u in silo.users]
     base = {"num-examples": float(len(silo.users)), "silo": float(silo.silo_id)}
     if not cfg.privacy.enabled:
-        return user_normalised_counts(user_items, index), \
-            {**base, "status": float(STATUS_OK), **_privacy_metrics(None)}, None
+        return own_counts(cfg, silo), {**base, "status": float(STATUS_OK), **_privacy_metrics(None)}, None
     ledger = PrivacyLedger.from_json(ledger_json) if ledger_json else new_ledger(cfg, silo_cfg, len(silo.users))
     if ledger.popularity_released:
         return None, {**base, "status": float(STATUS_REPLAY_REFUSED), **_privacy_metrics(ledger)}, ledger.to_json()
@@ -250,12 +272,11 @@ def local_release(cfg: Config, silo_cfg: SiloConfig, *, ledger_json: str | None
     shares = cfg.privacy.popularity_noise_shares
     if shares > 1:  # distributed noise: this silo's share, seen only inside the SecAgg+ sum
         scale = release_scale(cfg.federation.secagg_max_users)
-        noisy = distributed_release(integer_counts(user_items, index, scale),
-                                    noise_multiplier=sigma, shares=shares, scale=scale, rng=secure_sampling_rng())
+        noisy = distributed_release(own_counts(cfg, silo, integers=True), noise_multiplier=sigma, shares=shares,
+                                    scale=scale, rng=secure_sampling_rng())
         added = sigma / math.sqrt(shares)
     else:
-        noisy = gaussian_release(user_normalised_counts(user_items, index), noise_multiplier=sigma,
-                                 rng=secure_sampling_rng())
+        noisy = gaussian_release(own_counts(cfg, silo), noise_multiplier=sigma, rng=secure_sampling_rng())
         added = sigma
     ledger.record_release(sigma)  # the Gaussian mechanism the (sum of the) release(s) is, at noise sigma
     return noisy, {**base, "status": float(STATUS_OK), "release-noise": added, **_privacy_metrics(ledger)}, \
@@ -475,20 +496,38 @@ def _train_durable(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np
     return arrays, metrics, new_ledger_json, None
 
 
+def local_prior(cfg: Config, silo: Silo, release: ReleasedSum) -> np.ndarray:
+    """The prior a silo scores its own users with under ``local-prior``: E[log(1 + own + others)]
+    given the released sum, where ``own`` is the silo's exact counts and ``others`` = sum - own
+    (the other silos' counts plus all of the release's noise). Training never uses it: a user's
+    DP-SGD gradient may depend only on that user's data and what was released."""
+    own = own_counts(cfg, silo)
+    if len(release.counts) != len(own):
+        raise UirlError(f"the released popularity sum has {len(release.counts)} items, this silo's catalogue "
+                        f"{len(own)}")
+    return prior_from_counts(np.asarray(release.counts, dtype=np.float64) - own, release.noise_std, known=own)
+
+
 class EvaluationWithheld(UirlError):
     """The silo evaluated fewer users than ``eval-min-users`` and reports no metrics."""
 
 
 def local_evaluate(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray], *,
-                   prior: np.ndarray | None = None) -> dict[str, float]:
+                   prior: np.ndarray | None = None, release: ReleasedSum | None = None) -> dict[str, float]:
     """Ranking metrics of the global model on this silo's fixed test candidates (user averages),
     and against the whole catalogue when ``full-catalogue`` is on.
+
+    With ``local-prior`` and the server's ``release``, the silo scores its own users with its own
+    exact counts plus the other silos' part of the released sum instead of ``prior``
+    (:func:`local_prior`): the silo's own data, used inside the silo, for its own users.
 
     These averages are not covered by the DP guarantee; what bounds one user's effect on them is
     their number: with fewer than ``eval-min-users`` users evaluated the silo reports nothing and
     raises :class:`EvaluationWithheld` (each user then moves a reported average by at most
     1 / ``eval-min-users``)."""
     worker, silo = _worker(cfg, silo_cfg)
+    if cfg.model.local_prior and release is not None:
+        prior = local_prior(cfg, silo, release)
     _load_global(worker, silo, global_state, prior)
     if len(silo.eval_users) < cfg.data.eval_min_users:
         raise EvaluationWithheld(f"silo {silo.silo_id} evaluates {len(silo.eval_users)} users, fewer than "

@@ -147,13 +147,19 @@ def distributed_release(counts: np.ndarray, *, noise_multiplier: float, shares: 
     return noisy.astype(np.float64) / scale
 
 
-def prior_from_counts(counts: np.ndarray, noise_std: float = 0.0, *, iterations: int = 200) -> np.ndarray:
-    """The score prior (float32): ``log(1 + max(count, 0))`` for exact counts (``noise_std`` 0),
-    else E[log(1 + c) | noisy count] under N(c, noise_std^2) noise and a grid prior on c >= 0
-    estimated from ``counts`` by EM (Kiefer-Wolfowitz NPMLE)."""
+def prior_from_counts(counts: np.ndarray, noise_std: float = 0.0, *, known: np.ndarray | None = None,
+                      iterations: int = 200) -> np.ndarray:
+    """The score prior (float32): ``log(1 + known + max(count, 0))`` for exact counts (``noise_std``
+    0), else E[log(1 + known + c) | noisy count] under N(c, noise_std^2) noise and a grid prior on
+    c >= 0 estimated from ``counts`` by EM (Kiefer-Wolfowitz NPMLE). ``known`` (default 0) is a part
+    of each item's count known exactly: a silo's own counts, when ``counts`` is the rest of the
+    released sum (``local-prior``)."""
     y = np.asarray(counts, dtype=np.float64)
+    add = np.zeros_like(y) if known is None else np.maximum(np.asarray(known, dtype=np.float64), 0.0)
+    if add.shape != y.shape:
+        raise ValueError(f"known has shape {add.shape}, counts {y.shape}")
     if noise_std <= 0:
-        return np.log1p(np.maximum(y, 0.0)).astype(np.float32)
+        return np.log1p(add + np.maximum(y, 0.0)).astype(np.float32)
     top = max(float(y.max()), 6.0 * noise_std, 1.0)
     grid = np.unique(np.concatenate([np.linspace(0.0, 3.0 * noise_std, 60), np.geomspace(0.1, top, 140)]))
     log_like = -0.5 * ((y[:, None] - grid[None, :]) / noise_std) ** 2
@@ -165,7 +171,9 @@ def prior_from_counts(counts: np.ndarray, noise_std: float = 0.0, *, iterations:
         weights = post.mean(axis=0)
     post = like * weights
     post /= post.sum(axis=1, keepdims=True)
-    return (post @ np.log1p(grid)).astype(np.float32)
+    if known is None:
+        return (post @ np.log1p(grid)).astype(np.float32)
+    return (post * np.log1p(add[:, None] + grid[None, :])).sum(axis=1).astype(np.float32)
 
 
 def release_noise(*, target_epsilon: float, target_delta: float, budget: float, accountant: str) -> float:

@@ -1,0 +1,117 @@
+"""``local-prior``: a silo scores its own users with its own exact counts plus the other silos' part
+of the released popularity sum, and trains only with the released prior."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import uirl.engine
+import uirl.federated
+from helpers import tiny_config
+from uirl.config import SiloConfig
+from uirl.engine import released_sum, run_federated
+from uirl.errors import ConfigError
+from uirl.federated import ReleasedSum, _worker, catalogue_ids, local_evaluate, local_prior, local_train, own_counts
+from uirl.launch.run_config import refuse_what_flower_runs_lack
+from uirl.privacy.popularity import prior_from_counts
+
+LOCAL = {"train-mode": "cached", "user-proj-rank": 4, "popularity-prior": True, "local-prior": True}
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return float(pd.Series(a).rank().corr(pd.Series(b).rank()))
+
+
+def test_a_known_part_of_the_count_is_added_inside_the_log():
+    rng = np.random.default_rng(0)
+    y = np.concatenate([rng.exponential(3.0, 400), np.zeros(600)]) + rng.normal(0, 1.0, 1000)
+    known = rng.exponential(2.0, 1000)
+    # Exact counts: log(1 + known + count), negative counts clipped at 0.
+    assert np.allclose(prior_from_counts(y, 0.0, known=known), np.log1p(known + np.maximum(y, 0)), atol=1e-6)
+    # Nothing known is the plain prior.
+    assert np.allclose(prior_from_counts(y, 1.0, known=np.zeros(1000)), prior_from_counts(y, 1.0), atol=1e-6)
+    # E[log(1 + k + c)] grows with k and lies between log(1 + k) and log(1 + k + the grid's top).
+    with_known = prior_from_counts(y, 1.0, known=known)
+    more = prior_from_counts(y, 1.0, known=known + 1.0)
+    assert np.all(more > with_known)
+    assert np.all(with_known >= np.log1p(known) - 1e-6)
+    assert np.all(with_known <= np.log1p(known + max(y.max(), 6.0)) + 1e-6)
+    with pytest.raises(ValueError):
+        prior_from_counts(y, 1.0, known=known[:10])
+
+
+def test_under_heavy_noise_the_local_prior_ranks_by_the_silos_own_counts(tiny_bert):
+    """The released sum here is all noise (sd 1000): the global prior from it is nearly flat, while
+    the local prior still orders the catalogue by the silo's own exact counts."""
+    cfg = tiny_config(tiny_bert, **LOCAL)
+    silo_cfg = SiloConfig(0, 2)
+    _, silo = _worker(cfg, silo_cfg)
+    own = own_counts(cfg, silo)
+    assert own.shape == (len(catalogue_ids(silo)),) and own.max() > 0
+    noise = np.random.default_rng(1).normal(0, 1000.0, own.shape)
+    release = ReleasedSum(own + 3.0 * own + noise, 1000.0)  # others: three times ours, plus the noise
+    local = local_prior(cfg, silo, release)
+    glob = prior_from_counts(release.counts, release.noise_std)
+    assert _spearman(local, own) > 0.95 and abs(_spearman(glob, own)) < 0.2
+    # Exact release: the local prior is the global one (own + the others' exact part = the sum).
+    exact = ReleasedSum(4.0 * own, 0.0)
+    assert np.allclose(local_prior(cfg, silo, exact), prior_from_counts(exact.counts, 0.0), atol=1e-6)
+    with pytest.raises(Exception, match="items"):
+        local_prior(cfg, silo, ReleasedSum(own[:-1], 1.0))
+
+
+def test_a_silo_evaluates_with_the_local_prior_and_trains_with_the_released_one(tiny_bert, monkeypatch):
+    cfg = tiny_config(tiny_bert, **LOCAL)
+    off = tiny_config(tiny_bert, **{**LOCAL, "local-prior": False})
+    silo_cfg = SiloConfig(0, 2)
+    worker, silo = _worker(cfg, silo_cfg)
+    state = {k: v.detach().cpu().numpy().copy() for k, v in worker.model.adapter_state().items()}
+    own = own_counts(cfg, silo)
+    release = ReleasedSum(2.0 * own + np.random.default_rng(2).normal(0, 5.0, own.shape), 5.0)
+    released = prior_from_counts(release.counts, release.noise_std)
+    local = local_prior(cfg, silo, release)
+
+    with_local = local_evaluate(cfg, silo_cfg, state, prior=released, release=release)
+    assert with_local == local_evaluate(off, silo_cfg, state, prior=local)  # the same as handing it the local prior
+    assert with_local != local_evaluate(off, silo_cfg, state, prior=released, release=release)
+
+    seen = []
+    real_round = uirl.federated.train_round
+
+    def spy(model, bank, *args, **kwargs):
+        seen.append(dict(bank.prior))
+        return real_round(model, bank, *args, **kwargs)
+
+    monkeypatch.setattr(uirl.federated, "train_round", spy)
+    local_evaluate(cfg, silo_cfg, state, prior=released, release=release)  # leaves the local prior attached
+    local_train(cfg, silo_cfg, state, ledger_json=None, server_round=1, prior=released)
+    ids = catalogue_ids(silo)
+    assert seen and np.allclose([seen[0][i] for i in ids], released)
+    assert not np.allclose([seen[0][i] for i in ids], local)
+
+
+def test_an_in_process_run_with_local_prior_reports_the_local_evaluation(tiny_bert, monkeypatch):
+    """The engine hands every silo's evaluation the released sum it built from the releases."""
+    cfg = tiny_config(tiny_bert, **LOCAL, **{"num-server-rounds": 1, "target-epsilon": 50.0})
+    handed = []
+    real = uirl.engine.local_evaluate
+
+    def spy(cfg_, silo_cfg, state, *, prior=None, release=None):
+        handed.append(release)
+        return real(cfg_, silo_cfg, state, prior=prior, release=release)
+
+    monkeypatch.setattr(uirl.engine, "local_evaluate", spy)
+    result = run_federated(cfg, 2)
+    assert len(handed) == 4 and all(isinstance(r, ReleasedSum) and r.noise_std > 0 for r in handed)
+    assert np.isfinite(result.rounds[-1]["auc"])
+    assert released_sum([]) is None
+
+
+def test_local_prior_needs_the_popularity_prior_and_is_refused_under_flower(tiny_bert):
+    with pytest.raises(ConfigError, match="local-prior"):
+        tiny_config(tiny_bert, **{"local-prior": True})
+    with pytest.raises(ConfigError, match="flwr run"):
+        refuse_what_flower_runs_lack(tiny_config(tiny_bert, **LOCAL))
+    refuse_what_flower_runs_lack(tiny_config(tiny_bert, **{**LOCAL, "local-prior": False}))
