@@ -33,7 +33,7 @@ from client.failures import contain_failures
 from client.secagg import secagg_train, secagg_when_configured
 from uirl.config import Config, SiloConfig, from_run_config, silo_from_node_config
 from uirl.federated import (COUNTS_ARRAY, EvaluationWithheld, PRIOR_ARRAY, RELEASE_ACTION, catalogue_size, local_evaluate,
-                            local_release_durable, local_train_durable)
+                            local_release_durable, local_train_durable, pop_release)
 
 # contain_failures first, so that it wraps everything after it: a failure anywhere in the silo's
 # code, SecAgg+'s mod included, reaches the server as the exception's class name only.
@@ -128,8 +128,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config)
     silo = silo_from_node_config(context.node_config)
     global_state, prior = _split_prior(_global_state(msg))
+    release = pop_release(global_state)  # local-prior: the released sum the prior was built from
     try:
-        metrics = local_evaluate(cfg, silo, global_state, prior=prior)
+        metrics = local_evaluate(cfg, silo, global_state, prior=prior, release=release)
     except EvaluationWithheld as why:  # too few users to report: the reason, and no numbers
         return Message(content=RecordDict({"error": ConfigRecord({"message": str(why)})}), reply_to=msg)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -42,7 +42,7 @@ from server.strategy import ValidatingFedAvg
 from uirl.aggregation import require_finite
 from uirl.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from uirl.config import Config, from_run_config, to_run_config
-from uirl.launch.run_config import refuse_what_flower_runs_lack
+from uirl.federated import ReleasedSum
 from uirl.model.build import build_model, save_adapter
 from uirl.rounds import round_summary, silo_epsilons
 from uirl.rundir import RunDirectory, announce
@@ -111,11 +111,11 @@ class _Recorder:
 
 
 def build_strategy(cfg: Config, trainable: set[str], recorder: _Recorder, prior: np.ndarray | None = None,
-                   silent: set[int] | None = None) -> Strategy:
+                   silent: set[int] | None = None, release: ReleasedSum | None = None) -> Strategy:
     fed = cfg.federation
     return ValidatingFedAvg(
         cfg=cfg, trainable=trainable, on_train=recorder.on_train, on_evaluate=recorder.on_evaluate, prior=prior,
-        silent=silent,
+        silent=silent, release=release,
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=2 if fed.secagg else 1, min_evaluate_nodes=1, min_available_nodes=fed.min_nodes)
 
@@ -177,7 +177,6 @@ def _prior(grid: Grid, context: Context, cfg: Config, run: RunDirectory, recorde
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
-    refuse_what_flower_runs_lack(cfg)
     fed = cfg.federation
     model, encoder = build_model(cfg)
     initial = {name: t.cpu().numpy() for name, t in model.adapter_state().items()}
@@ -192,7 +191,10 @@ def main(grid: Grid, context: Context) -> None:
 
     nodes_ready()
     silent: set[int] = set()
-    strategy = build_strategy(cfg, trainable, recorder, _prior(grid, context, cfg, run, recorder, silent), silent)
+    prior = _prior(grid, context, cfg, run, recorder, silent)
+    # local-prior: each silo also gets the released sum the prior was built from (saved with it).
+    release = ReleasedSum(*run.load_release()) if prior is not None and cfg.model.local_prior else None
+    strategy = build_strategy(cfg, trainable, recorder, prior, silent, release)
     arrays = ArrayRecord({name: Array(value) for name, value in state.items()})
 
     def write_adapter(directory, values: dict[str, np.ndarray]) -> None:

@@ -37,7 +37,8 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from server.secagg import secagg_release
 from uirl.config import Config
-from uirl.engine import popularity_prior
+from uirl.engine import released_sum
+from uirl.privacy.popularity import prior_from_counts
 from uirl.errors import UirlError
 from uirl.federated import RELEASE_ACTION, STATUS_OK
 from uirl.replies import ReplyRejected, check_release, check_release_sum, release_catalogue
@@ -141,8 +142,10 @@ def release_prior(grid: Grid, cfg: Config, run: RunDirectory, *, on_release: Cal
                          + "; ".join(f"{who}: {why}" for who, why in left_out) + ")")
     for who, why in left_out:
         print(f"uirl: popularity prior built without {who}: {why}", flush=True)
-    prior = popularity_prior([r.counts for r in released], [r.noise for r in released])
+    total = released_sum([r.counts for r in released], [r.noise for r in released])
+    prior = prior_from_counts(total.counts, total.noise_std)
     run.save_prior(prior)
+    run.save_release(total.counts, total.noise_std)
     print(f"uirl: popularity prior from {', '.join(r.who for r in released)} over {len(prior)} items", flush=True)
     return prior
 
@@ -184,8 +187,9 @@ def _distributed_prior(grid: Grid, context: Context, cfg: Config, run: RunDirect
         raise PriorError(f"popularity-prior: the SecAgg+ sum of the silos' releases is not usable ({why})") from None
     released.sort(key=lambda pair: pair[1].metrics.get("silo", math.inf))
     noise = math.sqrt(sum(r.noise ** 2 for _, r in released))
-    prior = popularity_prior([counts], [noise])
+    prior = prior_from_counts(counts, noise)
     run.save_prior(prior)
+    run.save_release(counts, noise)
     print(f"uirl: popularity prior from the SecAgg+ sum of {', '.join(who for who, _ in released)} "
           f"({len(released)} noise shares) over {len(prior)} items", flush=True)
     return prior

@@ -40,7 +40,7 @@ from flwr.supercore import log
 
 from uirl.config import Config
 from uirl.engine import weighted_metrics
-from uirl.federated import EVAL_METRICS, PRIOR_ARRAY
+from uirl.federated import EVAL_METRICS, PRIOR_ARRAY, ReleasedSum, release_arrays
 from uirl.privacy.central import central_epsilon, central_noise
 from uirl.replies import ReplyChecker, ReplyRejected
 from uirl.rounds import MAX_TEXT, RoundResult, SiloReply, conclude_round, rejected_row, train_round
@@ -90,7 +90,7 @@ def silo_reply(msg: Message) -> SiloReply:
 class ValidatingFedAvg(FedAvg):
     def __init__(self, *, cfg: Config, trainable: set[str], on_train: Callable[[int, list[dict], int], None],
                  on_evaluate: Callable[[int, list[dict], dict], None], prior: np.ndarray | None = None,
-                 silent: set[int] | None = None, **kwargs) -> None:
+                 silent: set[int] | None = None, release: ReleasedSum | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.cfg = cfg
         self.trainable = trainable
@@ -98,6 +98,7 @@ class ValidatingFedAvg(FedAvg):
         self.on_train = on_train
         self.on_evaluate = on_evaluate
         self.prior = prior
+        self.release = release  # local-prior: the released sum, sent with every evaluate message
         self._global: dict[str, np.ndarray] = {}
         self._asked: dict[str, list[int]] = {"train": [], "evaluate": []}  # the nodes the last message went to
         #: Nodes that missed ``reply-timeout``: their message may still be running, and a newer one
@@ -106,12 +107,15 @@ class ValidatingFedAvg(FedAvg):
         if cfg.federation.central_dp:
             _announce_central_dp(cfg)
 
-    def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
+    def outgoing(self, arrays: ArrayRecord, *, evaluate: bool = False) -> ArrayRecord:
         """What a silo receives: the global model's trainable arrays (:func:`uirl.wire.downlink`;
-        each silo rebuilds the frozen ones from the seed), plus the popularity prior if the run has one."""
+        each silo rebuilds the frozen ones from the seed), plus the popularity prior if the run has
+        one, and to evaluate with ``local-prior`` the released sum it was built from."""
         sent = downlink(dict(arrays.items()), self.trainable)
         if self.prior is not None:
             sent[PRIOR_ARRAY] = Array(self.prior)
+        if evaluate and self.release is not None:
+            sent.update({name: Array(value) for name, value in release_arrays(self.release).items()})
         return ArrayRecord(sent)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -123,7 +127,7 @@ class ValidatingFedAvg(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
-        messages = list(super().configure_evaluate(server_round, self.outgoing(arrays), config, grid))
+        messages = list(super().configure_evaluate(server_round, self.outgoing(arrays, evaluate=True), config, grid))
         self._asked["evaluate"] = [m.metadata.dst_node_id for m in messages]
         return self._not_silent(messages)
 

@@ -14,7 +14,9 @@ from uirl.config import SiloConfig
 from uirl.engine import released_sum, run_federated
 from uirl.errors import ConfigError
 from uirl.federated import ReleasedSum, _worker, catalogue_ids, local_evaluate, local_prior, local_train, own_counts
-from uirl.launch.run_config import refuse_what_flower_runs_lack
+from uirl.config import silo_from_node_config
+from uirl.model.build import build_model
+from test_popularity_release import _LocalGrid, _context, flower_task  # noqa: F401 (a fixture)
 from uirl.privacy.popularity import prior_from_counts
 
 LOCAL = {"train-mode": "cached", "user-proj-rank": 4, "popularity-prior": True, "local-prior": True}
@@ -109,9 +111,45 @@ def test_an_in_process_run_with_local_prior_reports_the_local_evaluation(tiny_be
     assert released_sum([]) is None
 
 
-def test_local_prior_needs_the_popularity_prior_and_is_refused_under_flower(tiny_bert):
+def test_local_prior_needs_the_popularity_prior(tiny_bert):
     with pytest.raises(ConfigError, match="local-prior"):
         tiny_config(tiny_bert, **{"local-prior": True})
-    with pytest.raises(ConfigError, match="flwr run"):
-        refuse_what_flower_runs_lack(tiny_config(tiny_bert, **LOCAL))
-    refuse_what_flower_runs_lack(tiny_config(tiny_bert, **{**LOCAL, "local-prior": False}))
+
+
+def test_under_flower_each_silo_evaluates_with_the_released_sum_it_is_sent(tiny_bert, flower_task, tmp_path):
+    """The ServerApp's path: the release is saved with the prior, the evaluate messages (not the
+    train ones) carry the released sum, and each silo's ClientApp reports what
+    :func:`local_evaluate` gives with that sum, which differs from the released prior's."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from server.app import _Recorder, build_strategy
+    from server.popularity import release_prior
+    from uirl.federated import RELEASE_NOISE_ARRAY, RELEASE_SUM_ARRAY, pop_release
+    from uirl.rundir import RunDirectory
+
+    cfg = tiny_config(tiny_bert, **LOCAL, **{"target-epsilon": 0.5})
+    grid = _LocalGrid([_context(cfg, 11, 0), _context(cfg, 12, 1)])
+    run = RunDirectory.create(tmp_path / "runs", "r", {})
+    prior = release_prior(grid, cfg, run, on_release=lambda rows: None, timeout=10.0)
+    counts, noise = run.load_release()
+    assert noise > 0 and np.allclose(prior_from_counts(counts, noise), prior, atol=1e-6)
+    release = ReleasedSum(counts, noise)
+    model, _ = build_model(cfg)
+    strategy = build_strategy(cfg, set(model.trainable_state()), _Recorder(run), prior, set(), release)
+    state = {n: v.detach().cpu().numpy().copy() for n, v in model.adapter_state().items()}
+    arrays = ArrayRecord({n: Array(v) for n, v in state.items()})
+    train = strategy.configure_train(1, arrays, ConfigRecord(), grid)
+    assert all(RELEASE_SUM_ARRAY not in m.content["arrays"] for m in train)
+    asked = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), grid))
+    assert len(asked) == 2 and all({RELEASE_SUM_ARRAY, RELEASE_NOISE_ARRAY} <= set(m.content["arrays"]) for m in asked)
+    for reply in grid.send_and_receive(asked):
+        context = grid.contexts[reply.metadata.src_node_id]
+        silo = silo_from_node_config(context.node_config)
+        got = dict(reply.content["metrics"])
+        expected = local_evaluate(cfg, silo, state, prior=prior, release=release)
+        assert got["auc"] == pytest.approx(expected["auc"], abs=1e-9)
+        assert got["auc"] != pytest.approx(local_evaluate(cfg, silo, state, prior=prior)["auc"], abs=1e-9)
+    # A malformed sum in a message is refused with a reason.
+    with pytest.raises(Exception, match="malformed"):
+        pop_release({RELEASE_SUM_ARRAY: np.ones(3), RELEASE_NOISE_ARRAY: np.array([-1.0])})
+    assert pop_release({"other": np.ones(2)}) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import json
 
 import numpy as np
@@ -17,6 +18,7 @@ from uirl.checkpoint import ARRAYS_FILE, CHECKPOINTS, load_checkpoint
 from uirl.config import from_run_config
 from uirl.engine import run_federated
 from uirl.errors import ConfigError
+from uirl.privacy.popularity import prior_from_counts
 
 
 def test_central_dp_with_secagg_is_refused():
@@ -102,7 +104,7 @@ def test_flwr_run_releases_the_popularity_counts_through_secagg(tmp_path, tiny_b
 
     run_config = (f"model-name='{tiny_bert}' num-server-rounds=1 synthetic-users=90 synthetic-items=300 "
                   f"max-history=4 eval-negatives=9 batch-users=8 max-tokens=16 train-mode='cached' "
-                  f"popularity-prior=true secagg=true min-nodes=3 popularity-noise-shares=3 "
+                  f"popularity-prior=true secagg=true min-nodes=3 popularity-noise-shares=3 local-prior=true "
                   f"run-dir='{tmp_path / 'runs'}' run-name='shares'")
     status, text = flower.run(supernodes=3, run_config=run_config, cpus_per_client=1,
                               flwr_home=tmp_path / "flwr-home", log=io.StringIO())
@@ -118,3 +120,9 @@ def test_flwr_run_releases_the_popularity_counts_through_secagg(tmp_path, tiny_b
         assert r["epsilon"] == pytest.approx(_gaussian_epsilon(sigma, 1e-5), rel=1e-6)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["silos-trained"] == 3
+    # local-prior: the silos evaluated with the released sum, saved with the prior it gives.
+    with np.load(run / "popularity_release.npz") as saved:
+        assert saved["counts"].shape == (300,) and saved["noise"][0] == pytest.approx(sigma, rel=1e-9)
+        assert np.allclose(prior_from_counts(saved["counts"], saved["noise"][0]),
+                           np.load(run / "popularity_prior.npy"), atol=1e-6)
+    assert all(math.isfinite(r["auc"]) for r in rows)

@@ -81,7 +81,7 @@ class ModelConfig:
         "local-prior", False,
         "with `popularity-prior`: each silo scores its own users (evaluation) with its own exact counts plus the "
         "other silos' part of the released sum, E[log(1 + own + others) | release]; training still sees only the "
-        "released prior. In-process engine only (`python -m simulation.sweep`), not yet under `flwr run`")
+        "released prior")
 
     def __post_init__(self) -> None:
         _check(self.train_mode in ("lora", "cached"), "train-mode", self.train_mode, "lora or cached")

@@ -59,6 +59,10 @@ RELEASE_TASK = "popularity-release"
 COUNTS_ARRAY = "uirl.popularity-counts"
 #: The server's popularity prior, next to the adapter arrays in every train and evaluate message.
 PRIOR_ARRAY = "uirl.popularity-prior"
+#: With ``local-prior``: the released popularity sum and its noise standard deviation, next to the
+#: prior in every evaluate message (:func:`release_arrays`, :func:`pop_release`).
+RELEASE_SUM_ARRAY = "uirl.popularity-release-sum"
+RELEASE_NOISE_ARRAY = "uirl.popularity-release-noise"
 #: What each refusal status means, in words (for logs).
 STATUS_MEANING = {STATUS_BUDGET_EXHAUSTED: "privacy budget spent",
                   STATUS_LEDGER_ERROR: "privacy ledger damaged or lost",
@@ -235,6 +239,26 @@ class ReleasedSum(NamedTuple):
 
     counts: np.ndarray
     noise_std: float
+
+
+def release_arrays(release: ReleasedSum) -> dict[str, np.ndarray]:
+    """The arrays an evaluate message carries the released sum in (``local-prior``)."""
+    return {RELEASE_SUM_ARRAY: np.asarray(release.counts, dtype=np.float64),
+            RELEASE_NOISE_ARRAY: np.asarray([release.noise_std], dtype=np.float64)}
+
+
+def pop_release(arrays: dict) -> ReleasedSum | None:
+    """Take the released sum out of a message's arrays (None if it has none), checking its shape."""
+    counts, noise = arrays.pop(RELEASE_SUM_ARRAY, None), arrays.pop(RELEASE_NOISE_ARRAY, None)
+    if counts is None and noise is None:
+        return None
+    counts = None if counts is None else np.asarray(counts, dtype=np.float64)
+    noise = None if noise is None else np.asarray(noise, dtype=np.float64)
+    if counts is None or noise is None or counts.ndim != 1 or noise.shape != (1,) or not np.isfinite(counts).all() \
+            or not (np.isfinite(noise[0]) and noise[0] >= 0):
+        raise UirlError("the released popularity sum in this message is malformed: expected a finite vector "
+                        f"{RELEASE_SUM_ARRAY!r} and one standard deviation >= 0 {RELEASE_NOISE_ARRAY!r}")
+    return ReleasedSum(counts, float(noise[0]))
 
 
 def own_counts(cfg: Config, silo: Silo, *, integers: bool = False) -> np.ndarray:

@@ -7,6 +7,7 @@
 - ``privacy_ledger.json``     the latest privacy state of every node (what an auditor checks)
 - ``popularity_prior.npy``    the popularity prior built from the silos' releases (``popularity-prior``),
                               what a resumed run sends again instead of asking the silos twice
+- ``popularity_release.npz``  the released sum it was built from and its noise (``local-prior`` sends it)
 - ``checkpoints/round-<r>/``  the last rounds' checkpoints (see :mod:`uirl.checkpoint`)
 - ``final/``                  the final global adapter in PEFT format + the interest head
 - ``flower.log``              Flower's output of the run (written by ``uirl run`` / ``uirl deploy``)
@@ -48,6 +49,8 @@ def announce(path: Path, *, run_id: int | None = None) -> None:
 #: model that scores with it (``final/``, checkpoints, exports): one value per catalogue item, in
 #: sorted item-id order (:func:`uirl.federated.catalogue_ids`).
 PRIOR_FILE = "popularity_prior.npy"
+#: The released popularity sum and its noise standard deviation (what ``local-prior`` sends silos).
+RELEASE_FILE = "popularity_release.npz"
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -159,6 +162,22 @@ class RunDirectory:
         except (OSError, ValueError) as exc:
             raise UirlError(f"{path}: cannot read the run's popularity prior ({exc}); "
                             "a run with popularity-prior resumes only with it") from None
+
+    def save_release(self, counts: np.ndarray, noise_std: float) -> None:
+        """The released popularity sum and its noise standard deviation (``local-prior`` sends them)."""
+        buf = io.BytesIO()
+        np.savez(buf, counts=np.asarray(counts, dtype=np.float64), noise=np.asarray([noise_std], dtype=np.float64))
+        atomic_write_bytes(self.path / RELEASE_FILE, buf.getvalue())
+
+    def load_release(self) -> tuple[np.ndarray, float]:
+        """(sum, noise standard deviation) saved by :meth:`save_release`."""
+        path = self.path / RELEASE_FILE
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return np.asarray(f["counts"], dtype=np.float64), float(f["noise"][0])
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            raise UirlError(f"{path}: cannot read the run's released popularity sum ({exc}); "
+                            "a run with local-prior resumes only with it") from None
 
     def record_rejected(self, server_round: int, node: str, row: dict[str, Any]) -> None:
         """A reply the server dropped: a row in ``privacy.jsonl`` with the reason, never in the

@@ -59,7 +59,9 @@ def wire_bytes(cfg: Config, *, catalogue_items: int = 0) -> dict[str, int | floa
     - ``encoder-bytes``: the base encoder's parameters (what full fine-tuning would send);
     - ``adapter-bytes``: every LoRA and head array, frozen ones too (what the server checkpoints);
     - ``downlink-bytes``: what a silo receives (:func:`downlink`), plus the popularity prior over
-      ``catalogue_items`` items when the config has one; ``frozen-bytes``: what no longer travels;
+      ``catalogue_items`` items when the config has one; ``evaluate-extra-bytes``: what an evaluate
+      message adds with ``local-prior`` (the released sum, float64 per item, and its noise);
+      ``frozen-bytes``: what no longer travels;
     - ``reply-bytes-<mode>``: a training reply's arrays for every ``compression`` mode, and
       ``reply-fraction-<mode>`` its share of ``encoder-bytes``;
     - ``trainable-values``, ``arrays-sent``: how many numbers and arrays the downlink holds.
@@ -69,6 +71,7 @@ def wire_bytes(cfg: Config, *, catalogue_items: int = 0) -> dict[str, int | floa
     prior = 4 * catalogue_items if cfg.model.popularity_prior else 0  # float32 per item
     out: dict[str, int | float] = {
         "encoder-bytes": encoder, "adapter-bytes": adapter, "downlink-bytes": sent + prior,
+        "evaluate-extra-bytes": 8 * catalogue_items + 8 if cfg.model.local_prior else 0,
         "frozen-bytes": adapter - sent, "trainable-values": sum(v.size for v in payloads["downlink"].values()),
         "arrays-sent": len(payloads["downlink"])}
     for mode in MODES:

@@ -78,15 +78,6 @@ def app_defaults(app: Path) -> dict[str, Any]:
         raise ConfigError(f"{app / 'pyproject.toml'}: no readable [tool.flwr.app.config] ({exc})") from None
 
 
-def refuse_what_flower_runs_lack(cfg: Config) -> None:
-    """A :class:`ConfigError` for a key only the in-process engine carries out (``local-prior``:
-    under ``flwr run`` the silos do not yet receive the released sum)."""
-    if cfg.model.local_prior:
-        raise ConfigError("expected false under flwr run (the silos do not yet receive the released sum there); "
-                          "the in-process engine evaluates it: python -m simulation.sweep", field="local-prior",
-                          value=cfg.model.local_prior)
-
-
 def check_run_config(app: Path, text: str | None, *, local_data: bool = True, nodes: int | None = None) -> Config:
     """The run's configuration, or a :class:`ConfigError`. With ``local_data`` (a simulation on this
     machine) a converted ``dataset`` must be an absolute path to a directory ``uirl data convert``
@@ -94,7 +85,6 @@ def check_run_config(app: Path, text: str | None, *, local_data: bool = True, no
     With ``nodes`` (the SuperNodes the wrapper starts) ``min-nodes`` must not ask for more: the
     server would wait ``node-wait-timeout`` seconds for silos that never come."""
     cfg = from_run_config({**app_defaults(app), **parse_overrides(text)})
-    refuse_what_flower_runs_lack(cfg)
     if nodes is not None and cfg.federation.min_nodes > nodes:
         raise ConfigError(f"expected at most the {nodes} silos (SuperNodes) this command starts",
                           field="min-nodes", value=cfg.federation.min_nodes)
