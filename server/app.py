@@ -201,7 +201,7 @@ def main(grid: Grid, context: Context) -> None:
         require_finite(values)
         model.load_adapter_state(values)
         save_adapter(model, directory, meta={"base-model": encoder.model_name, "run-config": to_run_config(cfg)},
-                     prior=strategy.prior)
+                     prior=strategy.prior, release=strategy.release)
 
     def evaluate(server_round: int) -> None:
         if not _evaluates(cfg, server_round):

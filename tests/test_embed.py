@@ -140,6 +140,42 @@ def test_a_model_trained_with_the_prior_recommends_with_it(tiny_bert, tmp_path):
     assert main(["recommend", str(final), "--out", str(out), "--num-silos", "1"]) == 2
 
 
+def test_a_local_prior_model_recommends_with_each_silos_own_counts(tiny_bert, tmp_path):
+    """With ``local-prior`` the released sum is saved with the model, exported with it, and
+    ``recommend`` ranks a silo's users with that silo's own exact counts plus the other silos'
+    part: here the others' part puts one untouched item first, and the silo's own counts order
+    the rest; a model that needs the sum does not load without it."""
+    from uirl.export import export_run
+    from uirl.federated import catalogue_ids, own_counts, _worker
+    from uirl.model.build import RELEASE_FILE
+
+    cfg = tiny_config(tiny_bert, **{"popularity-prior": True, "local-prior": True, "synthetic-users": 24,
+                                    "synthetic-items": 120})
+    model, encoder = build_model(cfg)
+    with torch.no_grad():
+        model.prior_weight.weight.fill_(1000.0)
+    silo = load_silo(cfg.data, SiloConfig(0, 1), seed=0)
+    ids = catalogue_ids(silo)
+    own = own_counts(cfg, _worker(cfg, SiloConfig(0, 1))[1])
+    star = next(i for i in ids if all(i not in silo.touched[u.user_id] for u in silo.users))
+    others = np.zeros(len(ids))
+    others[ids.index(star)] = 100.0
+    final = tmp_path / "run" / "final"
+    save_adapter(model, final, meta={"base-model": encoder.model_name, "run-config": to_run_config(cfg)},
+                 prior=np.zeros(len(ids), dtype=np.float32), release=(own + others, 0.0))
+    out = tmp_path / "r.jsonl"
+    assert main(["recommend", str(final), "--out", str(out), "--num-silos", "1", "-k", "2"]) == 0
+    own_of = dict(zip(ids, own))
+    for line in out.read_text().splitlines():
+        rec = json.loads(line)
+        untouched = [i for i in ids if i not in silo.touched[rec["user_id"]] and i != star]
+        assert rec["items"][0] == star
+        assert own_of[rec["items"][1]] == max(own_of[i] for i in untouched)
+    assert (export_run(tmp_path / "run", tmp_path / "export") / RELEASE_FILE).is_file()
+    (final / RELEASE_FILE).unlink()
+    assert main(["recommend", str(final), "--out", str(out), "--num-silos", "1"]) == 2
+
+
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err
     lines = err.strip().splitlines()

@@ -18,12 +18,13 @@ from typing import Any
 from uirl.atomic import atomic_dir
 from uirl.errors import DataError, UirlError
 from uirl.privacy.guarantee import guarantee_text, released_text
-from uirl.rundir import PRIOR_FILE, read_json_object, read_jsonl, read_ledger
+from uirl.rundir import PRIOR_FILE, RELEASE_FILE, read_json_object, read_jsonl, read_ledger
 from uirl.tensor_files import check_tensor_file
 
 FILES = ("adapter_config.json", "adapter_model.safetensors", "interest_head.safetensors", "uirl_model.json")
-#: Files a model has only with some settings: the popularity prior with ``popularity-prior``.
-OPTIONAL_FILES = (PRIOR_FILE,)
+#: Files a model has only with some settings: the popularity prior with ``popularity-prior``, the
+#: released sum it was built from with ``local-prior``.
+OPTIONAL_FILES = (PRIOR_FILE, RELEASE_FILE)
 _METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10", "recall@5", "recall@10")
 
 
@@ -89,7 +90,10 @@ def model_card(run_dir: Path, meta: dict[str, Any]) -> str:
 
 def check_readable(final: Path) -> None:
     """Every file an export copies from ``final`` reads back: each safetensors file's header and
-    sizes (:func:`~uirl.tensor_files.check_tensor_file`), each JSON file parses, the prior loads."""
+    sizes (:func:`~uirl.tensor_files.check_tensor_file`), each JSON file parses, the prior and the
+    released sum load."""
+    import zipfile
+
     import numpy as np
 
     for name in FILES + OPTIONAL_FILES:
@@ -102,9 +106,12 @@ def check_readable(final: Path) -> None:
             read_json_object(path)
         else:
             try:
-                np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise DataError(f"not a readable .npy file ({exc})", file=str(path)) from None
+                loaded = np.load(path, allow_pickle=False)
+                if name.endswith(".npz"):
+                    with loaded:
+                        loaded["counts"], loaded["noise"]
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                raise DataError(f"not a readable numpy file ({exc})", file=str(path)) from None
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:

@@ -46,8 +46,8 @@ def load(args: argparse.Namespace) -> tuple[InterestModel, Config, list[tuple[Si
     its text bank."""
     from uirl.config import SiloConfig
     from uirl.data.silo import load_silo
-    from uirl.federated import attach_prior, silo_bank
-    from uirl.model.build import load_prior, load_trained
+    from uirl.federated import ReleasedSum, attach_prior, local_prior, silo_bank
+    from uirl.model.build import load_prior, load_release, load_trained
     from uirl.train import resolve_device
 
     if args.num_silos < 1:
@@ -58,12 +58,13 @@ def load(args: argparse.Namespace) -> tuple[InterestModel, Config, list[tuple[Si
         raise UirlError(f"--silo {bad[0]}: expected a silo in [0, {args.num_silos - 1}]")
     model, encoder, cfg = load_trained(args.model_dir, model_name=args.model_name)
     prior = load_prior(args.model_dir, cfg)
+    release = load_release(args.model_dir, cfg)  # local-prior: each silo ranks with its own counts too
     model.to(resolve_device(args.device)).eval()
     silos = [load_silo(cfg.data, SiloConfig(partition_id=k, num_partitions=args.num_silos), seed=cfg.train.seed)
              for k in ids]
     banks = [silo_bank(silo, encoder.tokenizer, cfg) for silo in silos]
     for silo, bank in zip(silos, banks):
-        attach_prior(bank, silo, prior)
+        attach_prior(bank, silo, prior if release is None else local_prior(cfg, silo, ReleasedSum(*release)))
     return model, cfg, list(zip(silos, banks))
 
 

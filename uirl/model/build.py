@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from uirl.config import Config, from_run_config
 from uirl.errors import UirlError
 from uirl.model.encoder import SHIPPED_MINILM_HUB_ID, SHIPPED_MINILM_PACKAGE, Encoder, load_encoder, portable_model_name
 from uirl.model.interest import InterestModel
-from uirl.rundir import PRIOR_FILE
+from uirl.rundir import PRIOR_FILE, RELEASE_FILE
 from uirl.tensor_files import read_tensors
 
 HEAD_FILE = "interest_head.safetensors"
@@ -39,10 +40,12 @@ def head_state(model: InterestModel) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: InterestModel, directory: str | Path, *, meta: dict | None = None,
-                 prior: np.ndarray | None = None) -> Path:
+                 prior: np.ndarray | None = None, release: tuple[np.ndarray, float] | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format, loadable with
     ``PeftModel.from_pretrained(base, directory)``), the interest head, a small metadata file and,
-    for a model trained with the popularity prior, that prior (:data:`PRIOR_FILE`).
+    for a model trained with the popularity prior, that prior (:data:`PRIOR_FILE`) and, with
+    ``local-prior``, the released sum it was built from (``release``: sum, noise standard
+    deviation; :data:`RELEASE_FILE`).
     The adapter's ``base_model_name_or_path`` is a portable name (the hub id for the shipped
     MiniLM), not the path the base model was loaded from on this machine."""
     directory = Path(directory)
@@ -60,6 +63,10 @@ def save_adapter(model: InterestModel, directory: str | Path, *, meta: dict | No
     (directory / META_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if prior is not None:
         np.save(directory / PRIOR_FILE, np.asarray(prior, dtype=np.float32), allow_pickle=False)
+    if release is not None:
+        counts, noise = release
+        np.savez(directory / RELEASE_FILE, counts=np.asarray(counts, dtype=np.float64),
+                 noise=np.asarray([noise], dtype=np.float64))
     return directory
 
 
@@ -77,6 +84,23 @@ def load_prior(directory: str | Path, cfg: Config) -> np.ndarray | None:
     if prior.ndim != 1 or not np.isfinite(prior).all():
         raise UirlError(f"{path}: expected one finite value per catalogue item")
     return prior
+
+
+def load_release(directory: str | Path, cfg: Config) -> tuple[np.ndarray, float] | None:
+    """The released popularity sum and its noise saved with a ``local-prior`` model (None for a
+    model without); such a model is not loaded without it."""
+    if not (cfg.model.popularity_prior and cfg.model.local_prior):
+        return None
+    path = Path(directory) / RELEASE_FILE
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            counts, noise = np.asarray(f["counts"], dtype=np.float64), float(f["noise"][0])
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise UirlError(f"{path}: the model was trained with local-prior and needs this file "
+                        f"({type(exc).__name__}: {exc})") from None
+    if counts.ndim != 1 or not np.isfinite(counts).all() or not (math.isfinite(noise) and noise >= 0):
+        raise UirlError(f"{path}: expected one finite count per catalogue item and a noise >= 0")
+    return counts, noise
 
 
 def load_head(model: InterestModel, directory: str | Path) -> None:
