@@ -38,9 +38,8 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from server.secagg import secagg_release
 from uirl.config import Config
 from uirl.engine import released_sum
-from uirl.privacy.popularity import prior_from_counts
 from uirl.errors import UirlError
-from uirl.federated import RELEASE_ACTION, STATUS_OK
+from uirl.federated import RELEASE_ACTION, STATUS_OK, ReleasedSum
 from uirl.replies import ReplyRejected, check_release, check_release_sum, release_catalogue
 from uirl.rundir import RunDirectory
 
@@ -143,9 +142,9 @@ def release_prior(grid: Grid, cfg: Config, run: RunDirectory, *, on_release: Cal
     for who, why in left_out:
         print(f"uirl: popularity prior built without {who}: {why}", flush=True)
     total = released_sum([r.counts for r in released], [r.noise for r in released])
-    prior = prior_from_counts(total.counts, total.noise_std)
+    prior = total.prior()
     run.save_prior(prior)
-    run.save_release(total.counts, total.noise_std)
+    run.save_release(*total)
     print(f"uirl: popularity prior from {', '.join(r.who for r in released)} over {len(prior)} items", flush=True)
     return prior
 
@@ -186,10 +185,10 @@ def _distributed_prior(grid: Grid, context: Context, cfg: Config, run: RunDirect
     except ReplyRejected as why:
         raise PriorError(f"popularity-prior: the SecAgg+ sum of the silos' releases is not usable ({why})") from None
     released.sort(key=lambda pair: pair[1].metrics.get("silo", math.inf))
-    noise = math.sqrt(sum(r.noise ** 2 for _, r in released))
-    prior = prior_from_counts(counts, noise)
+    total = ReleasedSum(counts, math.sqrt(sum(r.noise ** 2 for _, r in released)))
+    prior = total.prior()
     run.save_prior(prior)
-    run.save_release(counts, noise)
+    run.save_release(*total)
     print(f"uirl: popularity prior from the SecAgg+ sum of {', '.join(who for who, _ in released)} "
           f"({len(released)} noise shares) over {len(prior)} items", flush=True)
     return prior

@@ -25,7 +25,6 @@ from uirl.config import Config, SiloConfig
 from uirl.errors import RunFailed, UirlError
 from uirl.federated import (COUNTS_ARRAY, EvaluationWithheld, ReleasedSum, hash_seed, local_evaluate, local_release,
                             local_train, released_update)
-from uirl.privacy.popularity import prior_from_counts
 from uirl.model import InterestModel
 from uirl.model.build import build_model
 from uirl.model.encoder import Encoder
@@ -102,7 +101,7 @@ def popularity_prior(released: list[np.ndarray], noise: list[float] | None = Non
     """The server's prior from the silos' released count vectors and each one's noise standard
     deviation (0 for exact counts): :func:`~uirl.privacy.popularity.prior_from_counts` of the sum."""
     total = released_sum(released, noise)
-    return None if total is None else prior_from_counts(total.counts, total.noise_std)
+    return None if total is None else total.prior()
 
 
 def _release_prior(cfg: Config, silos: list[SiloConfig], ledgers: dict[int, str | None]
@@ -158,7 +157,7 @@ def run_federated(cfg: Config, num_silos: int, *, on_round: Callable[[dict[str, 
     prior, release = None, None
     if cfg.model.popularity_prior:  # each silo's (noised) counts, checked and summed by the server
         release, ledgers = _release_prior(cfg, silos, ledgers)
-        prior = None if release is None else prior_from_counts(release.counts, release.noise_std)
+        prior = None if release is None else release.prior()
 
     def evaluate(server_round: int, extra: dict[str, Any]) -> None:
         metrics = {}

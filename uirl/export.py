@@ -18,7 +18,7 @@ from typing import Any
 from uirl.atomic import atomic_dir
 from uirl.errors import DataError, UirlError
 from uirl.privacy.guarantee import guarantee_text, released_text
-from uirl.rundir import PRIOR_FILE, RELEASE_FILE, read_json_object, read_jsonl, read_ledger
+from uirl.rundir import PRIOR_FILE, RELEASE_FILE, read_json_object, read_jsonl, read_ledger, read_release
 from uirl.tensor_files import check_tensor_file
 
 FILES = ("adapter_config.json", "adapter_model.safetensors", "interest_head.safetensors", "uirl_model.json")
@@ -92,8 +92,6 @@ def check_readable(final: Path) -> None:
     """Every file an export copies from ``final`` reads back: each safetensors file's header and
     sizes (:func:`~uirl.tensor_files.check_tensor_file`), each JSON file parses, the prior and the
     released sum load."""
-    import zipfile
-
     import numpy as np
 
     for name in FILES + OPTIONAL_FILES:
@@ -106,11 +104,8 @@ def check_readable(final: Path) -> None:
             read_json_object(path)
         else:
             try:
-                loaded = np.load(path, allow_pickle=False)
-                if name.endswith(".npz"):
-                    with loaded:
-                        loaded["counts"], loaded["noise"]
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                read_release(path) if name == RELEASE_FILE else np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
                 raise DataError(f"not a readable numpy file ({exc})", file=str(path)) from None
 
 

@@ -240,6 +240,10 @@ class ReleasedSum(NamedTuple):
     counts: np.ndarray
     noise_std: float
 
+    def prior(self) -> np.ndarray:
+        """The prior every silo trains with (:func:`~uirl.privacy.popularity.prior_from_counts`)."""
+        return prior_from_counts(self.counts, self.noise_std)
+
 
 def release_arrays(release: ReleasedSum) -> dict[str, np.ndarray]:
     """The arrays an evaluate message carries the released sum in (``local-prior``)."""

@@ -21,8 +21,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,26 @@ def announce(path: Path, *, run_id: int | None = None) -> None:
 PRIOR_FILE = "popularity_prior.npy"
 #: The released popularity sum and its noise standard deviation (what ``local-prior`` sends silos).
 RELEASE_FILE = "popularity_release.npz"
+
+
+def write_release(path: Path, counts: np.ndarray, noise_std: float) -> None:
+    """Write :data:`RELEASE_FILE` (atomically): the released sum (float64) and its noise."""
+    buf = io.BytesIO()
+    np.savez(buf, counts=np.asarray(counts, dtype=np.float64), noise=np.asarray([noise_std], dtype=np.float64))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_release(path: Path) -> tuple[np.ndarray, float]:
+    """(sum, noise standard deviation) from a :func:`write_release` file; ValueError saying what is
+    wrong if it is missing, unreadable or not one finite count per item and a noise >= 0."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            counts, noise = np.asarray(f["counts"], dtype=np.float64), float(f["noise"][0])
+    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    if counts.ndim != 1 or not np.isfinite(counts).all() or not (math.isfinite(noise) and noise >= 0):
+        raise ValueError("expected one finite count per catalogue item and a noise >= 0")
+    return counts, noise
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -165,17 +187,14 @@ class RunDirectory:
 
     def save_release(self, counts: np.ndarray, noise_std: float) -> None:
         """The released popularity sum and its noise standard deviation (``local-prior`` sends them)."""
-        buf = io.BytesIO()
-        np.savez(buf, counts=np.asarray(counts, dtype=np.float64), noise=np.asarray([noise_std], dtype=np.float64))
-        atomic_write_bytes(self.path / RELEASE_FILE, buf.getvalue())
+        write_release(self.path / RELEASE_FILE, counts, noise_std)
 
     def load_release(self) -> tuple[np.ndarray, float]:
         """(sum, noise standard deviation) saved by :meth:`save_release`."""
         path = self.path / RELEASE_FILE
         try:
-            with np.load(path, allow_pickle=False) as f:
-                return np.asarray(f["counts"], dtype=np.float64), float(f["noise"][0])
-        except (OSError, ValueError, KeyError, IndexError) as exc:
+            return read_release(path)
+        except ValueError as exc:
             raise UirlError(f"{path}: cannot read the run's released popularity sum ({exc}); "
                             "a run with local-prior resumes only with it") from None
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from uirl.config import Config, from_run_config
 from uirl.errors import UirlError
 from uirl.model.encoder import SHIPPED_MINILM_HUB_ID, SHIPPED_MINILM_PACKAGE, Encoder, load_encoder, portable_model_name
 from uirl.model.interest import InterestModel
-from uirl.rundir import PRIOR_FILE, RELEASE_FILE
+from uirl.rundir import PRIOR_FILE, RELEASE_FILE, read_release, write_release
 from uirl.tensor_files import read_tensors
 
 HEAD_FILE = "interest_head.safetensors"
@@ -64,9 +63,7 @@ def save_adapter(model: InterestModel, directory: str | Path, *, meta: dict | No
     if prior is not None:
         np.save(directory / PRIOR_FILE, np.asarray(prior, dtype=np.float32), allow_pickle=False)
     if release is not None:
-        counts, noise = release
-        np.savez(directory / RELEASE_FILE, counts=np.asarray(counts, dtype=np.float64),
-                 noise=np.asarray([noise], dtype=np.float64))
+        write_release(directory / RELEASE_FILE, *release)
     return directory
 
 
@@ -93,14 +90,9 @@ def load_release(directory: str | Path, cfg: Config) -> tuple[np.ndarray, float]
         return None
     path = Path(directory) / RELEASE_FILE
     try:
-        with np.load(path, allow_pickle=False) as f:
-            counts, noise = np.asarray(f["counts"], dtype=np.float64), float(f["noise"][0])
-    except (OSError, ValueError, KeyError, IndexError) as exc:
-        raise UirlError(f"{path}: the model was trained with local-prior and needs this file "
-                        f"({type(exc).__name__}: {exc})") from None
-    if counts.ndim != 1 or not np.isfinite(counts).all() or not (math.isfinite(noise) and noise >= 0):
-        raise UirlError(f"{path}: expected one finite count per catalogue item and a noise >= 0")
-    return counts, noise
+        return read_release(path)
+    except ValueError as exc:
+        raise UirlError(f"{path}: the model was trained with local-prior and needs this file ({exc})") from None
 
 
 def load_head(model: InterestModel, directory: str | Path) -> None:
