@@ -32,8 +32,9 @@ from flwr.clientapp import ClientApp
 from client.failures import contain_failures
 from client.secagg import secagg_train, secagg_when_configured
 from uirl.config import Config, SiloConfig, from_run_config, silo_from_node_config
-from uirl.federated import (COUNTS_ARRAY, EvaluationWithheld, PRIOR_ARRAY, RELEASE_ACTION, catalogue_size, local_evaluate,
-                            local_release_durable, local_train_durable, pop_release)
+from uirl.errors import EvaluationWithheld
+from uirl.message_names import COUNTS_ARRAY, PRIOR_ARRAY, RELEASE_ACTION
+from uirl.silo_worker import run_call, worker_dir
 
 # contain_failures first, so that it wraps everything after it: a failure anywhere in the silo's
 # code, SecAgg+'s mod included, reaches the server as the exception's class name only.
@@ -78,8 +79,8 @@ def _keep_ledger(context: Context, ledger: str | None) -> None:
 def _train_round(cfg: Config, silo: SiloConfig, context: Context, received: dict, config
                  ) -> tuple[dict | None, dict[str, float], str | None]:
     global_state, prior = _split_prior(received)
-    arrays, metrics, ledger, error = local_train_durable(
-        cfg, silo, global_state, ledger_json=_state_ledger(context),
+    arrays, metrics, ledger, error = run_call(
+        worker_dir(context.node_config), "train", cfg, silo, global_state, ledger_json=_state_ledger(context),
         run=str(config.get("run-name", "")), server_round=int(config["server-round"]),
         expected_rounds=_expected_rounds(config, silo.partition_id), prior=prior, say=_say)
     _keep_ledger(context, ledger)
@@ -97,7 +98,8 @@ def _reply(msg: Message, arrays: dict | None, metrics: dict[str, float], error: 
 
 def _release(cfg: Config, silo: SiloConfig, context: Context, run: str
              ) -> tuple[np.ndarray | None, dict[str, float], str | None]:
-    counts, metrics, ledger, error = local_release_durable(cfg, silo, ledger_json=_state_ledger(context), run=run)
+    counts, metrics, ledger, error = run_call(worker_dir(context.node_config), "release", cfg, silo,
+                                              ledger_json=_state_ledger(context), run=run)
     _keep_ledger(context, ledger)
     return counts, metrics, error
 
@@ -118,7 +120,8 @@ def train(msg: Message, context: Context) -> Message:
     silo = silo_from_node_config(context.node_config)
     if cfg.federation.secagg:  # the update leaves only masked (client/secagg.py)
         return secagg_train(msg, cfg, lambda state, config: _train_round(cfg, silo, context, state, config),
-                            lambda run: (*_release(cfg, silo, context, run), catalogue_size(cfg, silo)))
+                            lambda run: (*_release(cfg, silo, context, run),
+                                         run_call(worker_dir(context.node_config), "catalogue-size", cfg, silo)))
     arrays, metrics, error = _train_round(cfg, silo, context, _global_state(msg), msg.content["config"])
     return _reply(msg, arrays, metrics, error)
 
@@ -128,9 +131,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = from_run_config(context.run_config)
     silo = silo_from_node_config(context.node_config)
     global_state, prior = _split_prior(_global_state(msg))
-    release = pop_release(global_state)  # local-prior: the released sum the prior was built from
-    try:
-        metrics = local_evaluate(cfg, silo, global_state, prior=prior, release=release)
+    try:  # with local-prior the arrays also carry the released sum the prior was built from
+        metrics = run_call(worker_dir(context.node_config), "evaluate", cfg, silo, global_state, prior=prior)
     except EvaluationWithheld as why:  # too few users to report: the reason, and no numbers
         return Message(content=RecordDict({"error": ConfigRecord({"message": str(why)})}), reply_to=msg)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -27,8 +27,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore import log
 
 from uirl.config import Config, from_run_config
-from uirl.federated import RELEASE_TASK
-from uirl.privacy.popularity import release_scale
+from uirl.message_names import RELEASE_TASK
 
 #: Must match server/secagg.py: the names of the arrays sent, and of those whose delta is masked.
 ARRAY_NAMES = "array-names"
@@ -98,6 +97,8 @@ def release_reply(cfg: Config, counts: np.ndarray | None, metrics: dict[str, flo
         reply_metrics["error"] = error or "refused"
         values, weight = np.zeros(catalogue), 0
     else:
+        from uirl.privacy.popularity import release_scale  # opacus: only where a release is made
+
         values, weight = np.round(np.asarray(counts, dtype=np.float64) * release_scale(cfg.federation.secagg_max_users)), 1
     return compat.fitres_to_recorddict(FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters([values]),
                                               num_examples=weight, metrics=reply_metrics), keep_input=True)

@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 import client.app as real
 from uirl.aggregation import honest_update_norm
 from uirl.config import from_run_config
-from uirl.federated import RELEASE_ACTION
+from uirl.message_names import RELEASE_ACTION
 
 PLAN = json.loads((Path(__file__).parent / "faults.json").read_text(encoding="utf-8"))
 
@@ -75,11 +75,13 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "hang":
         _hang(context)
     if fault == "raise":  # the silo's own training fails, inside the real ClientApp
-        honest, real.local_train_durable = real.local_train_durable, _raising
+        honest = real.run_call
+        real.run_call = lambda where, name, *args, **kwargs: (_raising() if name == "train"
+                                                              else honest(where, name, *args, **kwargs))
         try:
             return real.app(msg, context)
         finally:
-            real.local_train_durable = honest
+            real.run_call = honest
     reply = real.app(msg, context)
     metrics = reply.content["metrics"] if not reply.has_error() else {}
     if fault == "nan-count":

@@ -156,6 +156,10 @@ def test_tls_auth_deployment_survives_a_crash_resumes_and_exports(tmp_path, tiny
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]  # no round lost, none counted twice
+    for silo in (0, 1):  # each silo's worker did its work, one process through the SuperNode's restart
+        served = dep.procs.log(f"silo-worker-{silo}")
+        assert served.count("listening on") == 1 and served.count("train answered") >= 3, served[-2000:]
+        assert served.count("evaluate answered") >= 3 and "failed" not in served
     assert rows[-1]["silos-trained"] == 2
     cfg = tiny_config(tiny_bert, **overrides)
     # Keyed by node id: SuperNode authentication ties a node id to its key, so a restarted

@@ -18,6 +18,7 @@ from uirl.errors import UirlError
 COMMANDS = (
     "run",
     "deploy",
+    "silo-worker",
     "config",
     "data",
     "show",
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uirl", description="uirl: federated, private user interest models")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"uirl.commands.{name}").register(sub)
+        importlib.import_module(f"uirl.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 

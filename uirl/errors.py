@@ -67,3 +67,7 @@ class RunFailed(UirlError):
     """A federated run that cannot vouch for its model: a round with too few valid updates, or a
     model that is no longer finite. Raised by the ServerApp so that Flower reports the run as failed
     and no final adapter is written."""
+
+
+class EvaluationWithheld(UirlError):
+    """The silo evaluated fewer users than ``eval-min-users`` and reports no metrics."""

@@ -35,7 +35,9 @@ from uirl.model.build import build_model
 from uirl.privacy import PrivacyLedger, plan_noise_multiplier
 from uirl.privacy.accountant import PrivacyError
 from uirl.privacy.ledger_file import LedgerFile, PopularityRelease, Release, digest_arrays
-from uirl.errors import UirlError
+from uirl.errors import EvaluationWithheld, UirlError
+from uirl.message_names import (COUNTS_ARRAY, PRIOR_ARRAY, RELEASE_ACTION, RELEASE_NOISE_ARRAY,  # noqa: F401
+                                RELEASE_SUM_ARRAY, RELEASE_TASK)
 from uirl.model.vector_cache import load_catalogue_vectors
 from uirl.privacy.dp_sgd import secure_sampling_rng
 from uirl.privacy.popularity import (distributed_release, gaussian_release, integer_counts, plan_sgd_noise_after_release,
@@ -49,20 +51,7 @@ STATUS_LEDGER_ERROR = 2  # the silo's ledger is corrupt or missing where it must
 STATUS_REPLAY_REFUSED = 3  # asked again for a round already released, with a different global model
 STATUS_UNSUPPORTED = 4  # asked for something this silo's configuration cannot do safely (the reply says why)
 
-# Wire names shared by server/app.py and client/app.py (defined here because uirl/ never imports Flower).
-#: The ClientApp's query action for the silo's one popularity release (message type ``query.<action>``).
-RELEASE_ACTION = "popularity_release"
-#: Config key of the SecAgg+ round that is the popularity release (``popularity-noise-shares`` > 1)
-#: rather than training: server/secagg.py sets it, client/secagg.py answers it.
-RELEASE_TASK = "popularity-release"
-#: The silo's released popularity counts, in the release reply's ArrayRecord.
-COUNTS_ARRAY = "uirl.popularity-counts"
-#: The server's popularity prior, next to the adapter arrays in every train and evaluate message.
-PRIOR_ARRAY = "uirl.popularity-prior"
-#: With ``local-prior``: the released popularity sum and its noise standard deviation, next to the
-#: prior in every evaluate message (:func:`release_arrays`, :func:`pop_release`).
-RELEASE_SUM_ARRAY = "uirl.popularity-release-sum"
-RELEASE_NOISE_ARRAY = "uirl.popularity-release-noise"
+# Wire names shared by server/app.py and client/app.py live in uirl.message_names (light to import).
 #: What each refusal status means, in words (for logs).
 STATUS_MEANING = {STATUS_BUDGET_EXHAUSTED: "privacy budget spent",
                   STATUS_LEDGER_ERROR: "privacy ledger damaged or lost",
@@ -536,10 +525,6 @@ def local_prior(cfg: Config, silo: Silo, release: ReleasedSum) -> np.ndarray:
     return prior_from_counts(np.asarray(release.counts, dtype=np.float64) - own, release.noise_std, known=own)
 
 
-class EvaluationWithheld(UirlError):
-    """The silo evaluated fewer users than ``eval-min-users`` and reports no metrics."""
-
-
 def local_evaluate(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np.ndarray], *,
                    prior: np.ndarray | None = None, release: ReleasedSum | None = None) -> dict[str, float]:
     """Ranking metrics of the global model on this silo's fixed test candidates (user averages),
@@ -563,6 +548,15 @@ def local_evaluate(cfg: Config, silo_cfg: SiloConfig, global_state: dict[str, np
     metrics = evaluate(worker.model, worker.bank, silo.eval_users, cfg, split="test", touched=silo.touched)
     out = {k: v for k, v in metrics.items() if k in EVAL_METRICS}
     return {**out, "num-examples": metrics["num-users"], "silo": float(silo.silo_id)}
+
+
+def evaluate_received(cfg: Config, silo_cfg: SiloConfig, arrays: dict[str, np.ndarray], *,
+                      prior: np.ndarray | None = None) -> dict[str, float]:
+    """:func:`local_evaluate` on an evaluate message's arrays: the released sum the message carries
+    with ``local-prior`` (:func:`pop_release`) is taken out of them first."""
+    global_state = dict(arrays)
+    release = pop_release(global_state)
+    return local_evaluate(cfg, silo_cfg, global_state, prior=prior, release=release)
 
 
 def hash_seed(*parts: int) -> int:

@@ -1,8 +1,9 @@
 """Where a run's time, memory and bytes go: one command, one JSON file, one table.
 
-    python -m simulation.bench [--quick] [--only step,threads,scaling,anatomy,bytes,padding,decoder] [--out docs/results/bench.json]
+    python -m simulation.bench [--quick] [--only step,threads,scaling,anatomy,bytes,padding,decoder,deployment] [--out docs/results/bench.json]
 
-Sections (all but ``decoder`` by default; ``anatomy`` is left out of ``--quick`` unless named in ``--only``):
+Sections (all but ``decoder`` and ``deployment`` by default; ``anatomy`` is left out of ``--quick``
+unless named in ``--only``):
 
 - ``step``: one training step on the same batch (N users of the synthetic default, one training
   example each), ``lora`` mode, all-MiniLM-L6-v2 with the default LoRA config: non-private, the
@@ -24,6 +25,9 @@ Sections (all but ``decoder`` by default; ``anatomy`` is left out of ``--quick``
   shape; ``tiny`` with ``--quick``), their model FLOPs, TFLOP/s and model FLOP utilisation on the
   run config's ``device`` (:mod:`simulation.bench.decoder`). Meant for a GPU:
   ``--only decoder --run-config "device='cuda'"``.
+- ``deployment`` (only when named in ``--only``): real ``uirl deploy`` runs (3 silos x 3 rounds, tiny
+  model, TLS and SuperNode authentication on loopback) with and without silo workers, taking turns
+  (``--pairs``): seconds per round (:mod:`simulation.bench.deployment`).
 
 ``--run-config`` overrides apply to the step, threads, padding and bytes sections (a converted
 dataset, say); the scaling and anatomy sections always use the tiny model on synthetic data.
@@ -47,9 +51,10 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("step", "threads", "scaling", "anatomy", "bytes", "padding", "decoder")
-#: Sections run when ``--only`` is not given (``decoder`` builds a 0.5B+ model: ask for it).
-DEFAULT_SECTIONS = SECTIONS[:-1]
+SECTIONS = ("step", "threads", "scaling", "anatomy", "bytes", "padding", "decoder", "deployment")
+#: Sections run when ``--only`` is not given (``decoder`` builds a 0.5B+ model, ``deployment`` takes
+#: minutes a run: ask for them).
+DEFAULT_SECTIONS = SECTIONS[:-2]
 TINY_LABEL = "tiny random BERT (simulation/tiny_encoder.py: 2 layers, hidden 32)"
 #: The issue's targets: DP step / non-private step at the default thread setting; 100 silos x 5 rounds.
 DP_RATIO_TARGET = 1.10
@@ -83,6 +88,13 @@ def targets(sections: dict) -> list[dict]:
     peak = big["peak-rss-mib"] if five else None
     out.append({"target": "100 silos x 5 rounds (tiny model) in under 6 GB", "measured-peak-rss-mib": peak,
                 "met": None if not five else (not big["timed-out"] and peak < SCALE_MEMORY_TARGET_MIB)})
+    deployed = sections.get("deployment")
+    round_seconds = deployed["median-round-seconds"]["silo-workers"] if deployed else None
+    from simulation.bench.deployment import ROUND_SECONDS_TARGET
+
+    out.append({"target": f"a deployment round (tiny model, loopback) in under {ROUND_SECONDS_TARGET:g} s",
+                "measured-seconds": round_seconds,
+                "met": None if round_seconds is None else round_seconds < ROUND_SECONDS_TARGET})
     return out
 
 
@@ -146,6 +158,16 @@ def print_tables(result: dict, console) -> None:
             t.add_row("peak memory, all processes (PSS / RSS MiB)",
                       f"{mem['peak-pss-sum-mib']:,} / {mem['peak-rss-sum-mib']:,}")
         console.print(t)
+    if "deployment" in s:
+        de = s["deployment"]
+        t = Table(title=f"uirl deploy, {de['silos']} silos x {de['rounds']} rounds, tiny model, loopback (TLS)")
+        for col in ("silo workers", "up s", "round 0 s", "seconds per round", "median s", "wall s"):
+            t.add_column(col, justify="right" if col != "silo workers" else "left")
+        for run in de["runs"]:
+            t.add_row("yes" if run["silo-workers"] else "no", _fmt(run["up-seconds"], 1),
+                      _fmt(run["seconds"]["round-0"], 1), " ".join(_fmt(x, 1) for x in run["round-seconds"]),
+                      _fmt(run["median-round-seconds"], 1), _fmt(run["seconds"]["wall"], 1))
+        console.print(t)
     if "bytes" in s:
         t = Table(title="bytes per silo and round (array values)")
         for col in ("mode", "downlink", "reply", "reply fp16", "reply int8", "encoder", "reply / encoder"):
@@ -203,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                              "e.g. \"dataset='/data/ml-uirl' partitioning='iid'\"")
     parser.add_argument("--decoder", default=None,
                         help="decoder section: the shape (qwen2-0.5b, llama-1b or tiny; default qwen2-0.5b, quick tiny)")
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="deployment section: runs with and without silo workers, taking turns (default 1)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="decoder section: the device's peak TFLOP/s for MFU (default: datasheet value of a known GPU)")
     args = parser.parse_args(argv)
@@ -218,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--decoder and --peak-tflops apply to the decoder section: add it, e.g. --only decoder")
     if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
         parser.error(f"--peak-tflops must be a number > 0, not {args.peak_tflops}")
+    if args.pairs < 1:
+        parser.error(f"--pairs must be >= 1, not {args.pairs}")
     if args.quick and "anatomy" in only and args.only == ",".join(DEFAULT_SECTIONS):
         only.remove("anatomy")
     from uirl.config import from_run_config
@@ -286,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                                                  users=users, repeats=repeats, peak=args.peak_tflops)
                 sections[name]["shape"] = shape
                 result_paths.append((decoder, f"random {shape} decoder"))
+            elif name == "deployment":
+                from simulation.bench.deployment import deployment_section
+                sections[name] = deployment_section(tiny, rounds=1 if args.quick else 3, pairs=args.pairs,
+                                                    work=work, log=log)
             elif name == "padding":
                 from simulation.bench.padding import padding_section
                 sections[name] = padding_section(lora, users=users)

@@ -15,7 +15,8 @@ from uirl.commands.run import add_common_arguments, stopping_on_signals
 _DESCRIPTION = """Deploy on this machine: make credentials, start flower-superlink (TLS, SuperNode
 authentication), the fleet gateway in front of it (the only address SuperNodes are given: it forwards
 Fleet calls only) and one flower-supernode per silo on 127.0.0.1, register the silos' keys, run the
-app, check its status, and stop every process it started (by PID), also on Ctrl-C or an error.
+app, check its status, and stop every process it started (by PID), also on Ctrl-C or an error. Each
+SuperNode gets a silo worker (uirl silo-worker) that keeps its silo's model in memory between messages.
 Exit status 0 only if Flower reports the run as finished:completed."""
 
 
@@ -31,11 +32,13 @@ def _deploy(args: argparse.Namespace) -> int:
 
     def launch() -> int:
         try:
-            with Deployment(args.workdir, silos=args.silos, data_root=args.data_root, app=args.app) as deployment:
+            with Deployment(args.workdir, silos=args.silos, data_root=args.data_root, app=args.app,
+                            silo_workers=args.silo_workers) as deployment:
                 deployment.up(unregistered=args.unregistered)
                 print(f"uirl: SuperLink's Control API on 127.0.0.1:{deployment.control_port}, Fleet API (for "
                       f"SuperNodes) on 127.0.0.1:{deployment.fleet_port} (TLS, SuperNode authentication), "
-                      f"{args.silos} SuperNodes; logs in {deployment.procs.log_dir}", flush=True)
+                      f"{args.silos} SuperNodes{' with silo workers' if args.silo_workers else ''}; logs in "
+                      f"{deployment.procs.log_dir}", flush=True)
                 status, _ = deployment.run_app(args.run_config, log=ConciseLog(verbose=args.verbose))
                 if deployment.run_dir is not None:
                     print(f"uirl: run directory {deployment.run_dir} (Flower's log: flower.log)", flush=True)
@@ -57,5 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--data-root", type=Path, default=None, help="silo i's data is DATA_ROOT/silo-i")
     deploy.add_argument("--unregistered", type=int, default=0,
                         help="extra SuperNodes with unregistered keys (to see them refused)")
+    deploy.add_argument("--no-silo-workers", dest="silo_workers", action="store_false",
+                        help="no silo worker per SuperNode: each message's ClientApp process imports torch and "
+                             "rebuilds the model itself (see uirl silo-worker)")
     add_common_arguments(deploy)
     deploy.set_defaults(func=_deploy)

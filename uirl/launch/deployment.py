@@ -11,7 +11,10 @@ separate processes on 127.0.0.1, with TLS and SuperNode authentication, then the
 3. each silo's public key registered with ``flwr supernode register`` over the Control address;
    ``unregistered`` extra SuperNodes use keys that were never registered (the SuperLink must refuse them);
 4. one ``flower-supernode`` per silo, connected to the Fleet gateway, node config ``partition-id``, ``num-partitions`` and
-   ``ledger-path`` (``WORKDIR/silo-<i>/privacy-ledger.json``), plus ``data-path`` with a data root;
+   ``ledger-path`` (``WORKDIR/silo-<i>/privacy-ledger.json``), plus ``data-path`` with a data root, and
+   ``silo-worker``: the directory of the silo's worker (``uirl silo-worker``, :mod:`uirl.silo_worker`), started
+   first, which keeps the silo's model and data in memory between the messages Flower starts a process for
+   (``silo_workers=False``: none, each message's process does the work itself);
 5. ``flwr run . deploy --stream``, then the run's status from ``flwr ls`` (``flwr run`` exits 0
    even when the ServerApp fails); the run directory from the file the ServerApp writes, where
    Flower's output is kept as ``flower.log``;
@@ -26,8 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from uirl.launch.output import read_run_info
@@ -37,13 +43,15 @@ from uirl.launch.simulation import keep_flower_log
 from uirl.rundir import RUN_INFO_ENV
 
 CONNECTION = "deploy"
+SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"
 CREDENTIALS_SCRIPT = Path("deploy") / "generate-credentials.sh"  # relative to the app directory
 
 
 class Deployment:
     """The processes of one deployment. Use as a context manager: leaving it stops them all."""
 
-    def __init__(self, workdir: Path, *, silos: int, data_root: Path | None = None, app: Path | None = None) -> None:
+    def __init__(self, workdir: Path, *, silos: int, data_root: Path | None = None, app: Path | None = None,
+                 silo_workers: bool = True) -> None:
         self.app = app_dir(app)
         self.workdir = Path(workdir).resolve()
         self.silos = silos
@@ -59,14 +67,23 @@ class Deployment:
         # The ServerApp (started by the SuperLink, with this environment) names its run directory here.
         self.run_info = self.workdir / "run-info.json"
         self.env[RUN_INFO_ENV] = str(self.run_info)
+        # How often a SuperNode's (and the SuperLink's) SuperExec looks for a ClientApp (ServerApp) to
+        # start: Flower's default of 1 s is waited out twice a round by every silo.
+        self.env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
         self.run_dir: Path | None = None  # the directory of the last run, once the ServerApp named it
         self.procs = Processes(self.workdir / "logs", self.env)
+        # The silo workers' sockets: a short private directory (a Unix socket path has at most 107 bytes).
+        self.worker_root = Path(tempfile.mkdtemp(prefix="uirl-workers-")) if silo_workers else None
 
     def __enter__(self) -> "Deployment":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.procs.__exit__(exc_type, exc, tb)  # stops every process, and says so to an Interrupted
+        try:
+            self.procs.__exit__(exc_type, exc, tb)  # stops every process, and says so to an Interrupted
+        finally:
+            if self.worker_root is not None:
+                shutil.rmtree(self.worker_root, ignore_errors=True)
 
     def make_credentials(self, num_keys: int) -> None:
         script = self.app / CREDENTIALS_SCRIPT
@@ -115,11 +132,34 @@ class Deployment:
                   f'ledger-path="{self.ledger_path(silo)}"')
         if self.data_root is not None:
             config += f' data-path="{self.data_root / f"silo-{silo}"}"'
+        if self.worker_root is not None:
+            config += f' silo-worker="{self.worker_dir(silo)}"'
         return config
+
+    def worker_dir(self, silo: int) -> Path:
+        return self.worker_root / f"silo-{silo}"
+
+    def start_worker(self, silo: int, *, timeout: float = 120.0) -> None:
+        """Start silo ``silo``'s worker (unless it runs) and wait until it listens."""
+        name = f"silo-worker-{silo}"
+        if name in self.procs.procs and self.procs.procs[name].poll() is None:
+            return
+        before = len(self.procs.log(name))  # the log is appended to: look only at this start's lines
+        proc = self.procs.start(name, [sys.executable, "-m", "uirl.cli", "silo-worker", str(self.worker_dir(silo))],
+                                cwd=self.workdir)
+        deadline = time.time() + timeout
+        while "listening on" not in self.procs.log(name)[before:]:
+            if proc.poll() is not None:
+                raise RuntimeError(f"silo {silo}'s worker exited: {self.procs.log(name)[before:][-500:]}")
+            if time.time() > deadline:
+                raise TimeoutError(f"silo {silo}'s worker did not listen after {timeout:g} s")
+            time.sleep(0.1)
 
     def start_supernode(self, silo: int, *, key_index: int | None = None) -> subprocess.Popen:
         """Start silo ``silo``'s SuperNode, authenticating with key ``supernode-<key_index>``."""
         self.ledger_path(silo).parent.mkdir(parents=True, exist_ok=True)
+        if self.worker_root is not None:
+            self.start_worker(silo)
         key = self.credentials / f"supernode-{silo if key_index is None else key_index}"
         name = f"supernode-{silo}" if key_index is None else f"supernode-key-{key_index}"
         return self.procs.start(name, [
