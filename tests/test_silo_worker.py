@@ -50,6 +50,15 @@ def _log(directory: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
+def _logged(directory: Path, text: str, count: int = 1, timeout: float = 30.0) -> bool:
+    """Whether the worker's log shows ``text`` ``count`` times within ``timeout`` seconds (it logs an
+    answer after sending it, so a caller can be back before the line is written)."""
+    deadline = time.time() + timeout
+    while _log(directory).count(text) < count and time.time() < deadline:
+        time.sleep(0.05)
+    return _log(directory).count(text) == count
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -123,9 +132,8 @@ def test_a_client_app_with_a_silo_worker_replies_as_one_that_works_in_process(ti
                     sorted(evaluated_there, key=lambda m: m.metadata.src_node_id)):
         assert dict(a.content["metrics"]) == pytest.approx(dict(b.content["metrics"]), abs=1e-9)
     assert "silo 0 round 1: trained" in said and "silo 1 round 1: trained" in said
-    log = _log(worker)
-    assert log.count("release answered") == 2 and log.count("train answered") == 2
-    assert log.count("evaluate answered") == 2
+    assert _logged(worker, "release answered", 2) and _logged(worker, "train answered", 2)
+    assert _logged(worker, "evaluate answered", 2)
 
 
 def test_under_dp_the_worker_writes_the_silos_ledger_and_spends_as_in_process(tiny_bert, flower_task, worker,
@@ -184,7 +192,7 @@ def test_the_worker_refuses_callers_without_its_key_other_versions_and_unsafe_di
     # A caller with the wrong key is refused before anything it sends is read.
     with pytest.raises(Exception):
         Client(str(worker / SOCKET), family="AF_UNIX", authkey=b"not the key")
-    assert "did not prove the key" in _log(worker)
+    assert _logged(worker, "did not prove the key")
     # Another protocol or version: refused with the reason.
     with Client(str(worker / SOCKET), family="AF_UNIX", authkey=(worker / AUTHKEY).read_bytes()) as conn:
         conn.send((PROTOCOL, "0.0.0-other", "catalogue-size", (), {}))
@@ -198,6 +206,10 @@ def test_the_worker_refuses_callers_without_its_key_other_versions_and_unsafe_di
     os.chmod(shared, 0o755)
     with pytest.raises(SiloWorkerError, match="chmod 700"):
         prepare_directory(shared)
+    a_file = worker_home / "a-file"
+    a_file.write_text("")
+    with pytest.raises(SiloWorkerError, match="cannot create it"):
+        prepare_directory(a_file)
 
 
 def test_a_worker_that_crashes_mid_call_is_reported_and_a_restarted_one_takes_over(tiny_bert, worker_home):

@@ -147,8 +147,13 @@ def prepare_directory(directory: Path) -> bytes:
     """Create ``directory`` (mode 0700) if needed, refuse one that others may use, and write a new
     authkey (mode 0600). Returns the key."""
     directory = Path(directory)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = directory.stat()
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+    except OSError as exc:
+        raise SiloWorkerError(f"silo worker directory {directory}: cannot create it ({exc.strerror})") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise SiloWorkerError(f"silo worker directory {directory}: not a directory")
     if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
         raise SiloWorkerError(f"silo worker directory {directory}: must belong to this user with no access "
                               f"for group or others (mode {stat.S_IMODE(info.st_mode):o}; chmod 700 it)")

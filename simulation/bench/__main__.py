@@ -27,7 +27,7 @@ unless named in ``--only``):
   ``--only decoder --run-config "device='cuda'"``.
 - ``deployment`` (only when named in ``--only``): real ``uirl deploy`` runs (3 silos x 3 rounds, tiny
   model, TLS and SuperNode authentication on loopback) with and without silo workers, taking turns
-  (``--pairs``): seconds per round (:mod:`simulation.bench.deployment`).
+  (``--pairs``; ``--deployment-silos``, default 3): seconds per round (:mod:`simulation.bench.deployment`).
 
 ``--run-config`` overrides apply to the step, threads, padding and bytes sections (a converted
 dataset, say); the scaling and anatomy sections always use the tiny model on synthetic data.
@@ -161,12 +161,14 @@ def print_tables(result: dict, console) -> None:
     if "deployment" in s:
         de = s["deployment"]
         t = Table(title=f"uirl deploy, {de['silos']} silos x {de['rounds']} rounds, tiny model, loopback (TLS)")
-        for col in ("silo workers", "up s", "round 0 s", "seconds per round", "median s", "wall s"):
+        for col in ("silo workers", "up s", "round 0 s", "seconds per round", "median s", "silo work s/round",
+                    "wall s"):
             t.add_column(col, justify="right" if col != "silo workers" else "left")
         for run in de["runs"]:
             t.add_row("yes" if run["silo-workers"] else "no", _fmt(run["up-seconds"], 1),
                       _fmt(run["seconds"]["round-0"], 1), " ".join(_fmt(x, 1) for x in run["round-seconds"]),
-                      _fmt(run["median-round-seconds"], 1), _fmt(run["seconds"]["wall"], 1))
+                      _fmt(run["median-round-seconds"], 1),
+                      _fmt(run.get("slowest-silo-work-per-round-seconds"), 2), _fmt(run["seconds"]["wall"], 1))
         console.print(t)
     if "bytes" in s:
         t = Table(title="bytes per silo and round (array values)")
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="decoder section: the shape (qwen2-0.5b, llama-1b or tiny; default qwen2-0.5b, quick tiny)")
     parser.add_argument("--pairs", type=int, default=1,
                         help="deployment section: runs with and without silo workers, taking turns (default 1)")
+    parser.add_argument("--deployment-silos", type=int, default=3,
+                        help="deployment section: silos (SuperNodes) per deployment (default 3)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="decoder section: the device's peak TFLOP/s for MFU (default: datasheet value of a known GPU)")
     args = parser.parse_args(argv)
@@ -242,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--decoder and --peak-tflops apply to the decoder section: add it, e.g. --only decoder")
     if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
         parser.error(f"--peak-tflops must be a number > 0, not {args.peak_tflops}")
-    if args.pairs < 1:
-        parser.error(f"--pairs must be >= 1, not {args.pairs}")
+    if args.pairs < 1 or args.deployment_silos < 1:
+        parser.error(f"--pairs and --deployment-silos must be >= 1, not {args.pairs} and {args.deployment_silos}")
     if args.quick and "anatomy" in only and args.only == ",".join(DEFAULT_SECTIONS):
         only.remove("anatomy")
     from uirl.config import from_run_config
@@ -314,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                 result_paths.append((decoder, f"random {shape} decoder"))
             elif name == "deployment":
                 from simulation.bench.deployment import deployment_section
-                sections[name] = deployment_section(tiny, rounds=1 if args.quick else 3, pairs=args.pairs,
-                                                    work=work, log=log)
+                sections[name] = deployment_section(tiny, silos=args.deployment_silos, rounds=1 if args.quick else 3,
+                                                    pairs=args.pairs, work=work, log=log)
             elif name == "padding":
                 from simulation.bench.padding import padding_section
                 sections[name] = padding_section(lora, users=users)

@@ -4,7 +4,7 @@ Each run is a real ``uirl deploy`` (:class:`uirl.launch.deployment.Deployment`):
 gateway and one SuperNode per silo on 127.0.0.1 with TLS and SuperNode authentication, the tiny
 model on synthetic data. With workers, each SuperNode's silo has a ``uirl silo-worker`` that keeps
 its model and data in memory; without, every message's ``flwr-clientapp`` process imports torch and
-rebuilds them. The two take turns (``pairs`` times each, workers first), and the run directory's
+rebuilds them; the workers' logs say how long the silos' own work took. The two take turns (``pairs`` times each, workers first), and the run directory's
 watcher (:class:`simulation.bench.anatomy.RunWatcher`) times each round from one checkpoint to the
 next. The round time's median is what the performance target (a round under 15 s) is about.
 """
@@ -12,6 +12,7 @@ next. The round time's median is what the performance target (a round under 15 s
 from __future__ import annotations
 
 import io
+import re
 import statistics
 import time
 from pathlib import Path
@@ -36,14 +37,22 @@ def one_deployment(tiny_model: str, *, workers: bool, silos: int, rounds: int, u
             status, text = dep.run_app(run_config, log=io.StringIO(), timeout=3600)
         returned = time.time()
         poll = dep.env.get(SUPEREXEC_POLL_ENV)
+        # The silos' own work: what each worker logged as the duration of the calls it answered.
+        answered = {silo: [float(x) for x in re.findall(r"answered in ([0-9.]+) s", dep.procs.log(f"silo-worker-{silo}"))]
+                    for silo in range(silos)} if workers else {}
     if status != "finished:completed":
         raise RuntimeError(f"the deployment ({'with' if workers else 'without'} workers) ended {status}:\n"
                            f"{text[-3000:]}")
     split = phases(watcher.seen, launched=launched, returned=returned, rounds=rounds)
     per_round = [row["total"] for row in split["rounds"]]
-    return {"silo-workers": workers, "up-seconds": launched - began, "seconds": split,
-            "round-seconds": per_round, "median-round-seconds": statistics.median(per_round),
-            "superexec-poll-seconds": poll}
+    out = {"silo-workers": workers, "up-seconds": launched - began, "seconds": split,
+           "round-seconds": per_round, "median-round-seconds": statistics.median(per_round),
+           "superexec-poll-seconds": poll}
+    if workers:  # the release (if any), round 0's evaluation, then a train and an evaluate call a round
+        out["worker-call-seconds"] = answered
+        out["slowest-silo-work-per-round-seconds"] = max(sum(calls[-2 * rounds:]) / rounds
+                                                         for calls in answered.values())
+    return out
 
 
 def deployment_section(tiny_model: str, *, silos: int = 3, rounds: int = 3, users_per_silo: int = 30,
