@@ -12,7 +12,7 @@ the reply's ``error`` config record, next to the numeric ``status`` metric. In r
 the same round's update leaves the silo only masked, through Flower's SecAgg+ mod
 (:mod:`client.secagg`).
 
-With ``popularity-prior`` the server first sends a query (action :data:`~uirl.federated.RELEASE_ACTION`,
+With ``popularity-prior`` the server first sends a query (action :data:`~uirl.message_names.RELEASE_ACTION`,
 see :mod:`server.popularity`): the silo releases its item counts once, recorded in the same ledger
 its DP-SGD steps later compose with. Every later train and evaluate message carries the prior the
 server built, next to the adapter arrays. With distributed noise (``popularity-noise-shares`` > 1) the
@@ -57,6 +57,12 @@ def _say(line: str) -> None:
     print(line, flush=True)  # the silo's progress within a round: Flower forwards it to the run's log
 
 
+def _call(context: Context, name: str, *args, **kwargs):
+    """The silo call ``name`` (:data:`uirl.silo_worker.CALLS`), in the silo worker the node config
+    names (``silo-worker``) or else in this process."""
+    return run_call(worker_dir(context.node_config), name, *args, **kwargs)
+
+
 def _state_ledger(context: Context) -> str | None:
     if _LEDGER in context.state.config_records:
         return str(context.state.config_records[_LEDGER]["ledger"])
@@ -79,8 +85,8 @@ def _keep_ledger(context: Context, ledger: str | None) -> None:
 def _train_round(cfg: Config, silo: SiloConfig, context: Context, received: dict, config
                  ) -> tuple[dict | None, dict[str, float], str | None]:
     global_state, prior = _split_prior(received)
-    arrays, metrics, ledger, error = run_call(
-        worker_dir(context.node_config), "train", cfg, silo, global_state, ledger_json=_state_ledger(context),
+    arrays, metrics, ledger, error = _call(
+        context, "train", cfg, silo, global_state, ledger_json=_state_ledger(context),
         run=str(config.get("run-name", "")), server_round=int(config["server-round"]),
         expected_rounds=_expected_rounds(config, silo.partition_id), prior=prior, say=_say)
     _keep_ledger(context, ledger)
@@ -98,8 +104,7 @@ def _reply(msg: Message, arrays: dict | None, metrics: dict[str, float], error: 
 
 def _release(cfg: Config, silo: SiloConfig, context: Context, run: str
              ) -> tuple[np.ndarray | None, dict[str, float], str | None]:
-    counts, metrics, ledger, error = run_call(worker_dir(context.node_config), "release", cfg, silo,
-                                              ledger_json=_state_ledger(context), run=run)
+    counts, metrics, ledger, error = _call(context, "release", cfg, silo, ledger_json=_state_ledger(context), run=run)
     _keep_ledger(context, ledger)
     return counts, metrics, error
 
@@ -121,7 +126,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.federation.secagg:  # the update leaves only masked (client/secagg.py)
         return secagg_train(msg, cfg, lambda state, config: _train_round(cfg, silo, context, state, config),
                             lambda run: (*_release(cfg, silo, context, run),
-                                         run_call(worker_dir(context.node_config), "catalogue-size", cfg, silo)))
+                                         _call(context, "catalogue-size", cfg, silo)))
     arrays, metrics, error = _train_round(cfg, silo, context, _global_state(msg), msg.content["config"])
     return _reply(msg, arrays, metrics, error)
 
@@ -132,7 +137,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     silo = silo_from_node_config(context.node_config)
     global_state, prior = _split_prior(_global_state(msg))
     try:  # with local-prior the arrays also carry the released sum the prior was built from
-        metrics = run_call(worker_dir(context.node_config), "evaluate", cfg, silo, global_state, prior=prior)
+        metrics = _call(context, "evaluate", cfg, silo, global_state, prior=prior)
     except EvaluationWithheld as why:  # too few users to report: the reason, and no numbers
         return Message(content=RecordDict({"error": ConfigRecord({"message": str(why)})}), reply_to=msg)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -39,7 +39,8 @@ from server.secagg import secagg_release
 from uirl.config import Config
 from uirl.engine import released_sum
 from uirl.errors import UirlError
-from uirl.federated import RELEASE_ACTION, STATUS_OK, ReleasedSum
+from uirl.federated import STATUS_OK, ReleasedSum
+from uirl.message_names import RELEASE_ACTION
 from uirl.replies import ReplyRejected, check_release, check_release_sum, release_catalogue
 from uirl.rundir import RunDirectory
 

@@ -48,7 +48,7 @@ from flwr.supercore import log
 from server.strategy import ValidatingFedAvg, log_warning
 from uirl.aggregation import UpdateRejected, aggregate_bound, check_update
 from uirl.config import Config
-from uirl.federated import COUNTS_ARRAY, RELEASE_TASK
+from uirl.message_names import COUNTS_ARRAY, RELEASE_TASK
 from uirl.privacy.popularity import SECAGG_INTEGER_RANGE, release_scale
 from uirl.replies import TrainReply
 from uirl.rounds import RoundResult, SiloReply, check_replies

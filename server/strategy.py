@@ -23,7 +23,7 @@ compressed update (run config ``compression``) is decompressed onto the global a
 checker before anything else looks at it.
 
 The popularity prior, when the run has one, travels next to the adapter arrays in every train and
-evaluate message (under :data:`~uirl.federated.PRIOR_ARRAY`) and is never aggregated. Per-silo rows
+evaluate message (under :data:`~uirl.message_names.PRIOR_ARRAY`) and is never aggregated. Per-silo rows
 go to the ``on_train`` / ``on_evaluate`` callbacks, keyed by node id.
 """
 
@@ -40,7 +40,8 @@ from flwr.supercore import log
 
 from uirl.config import Config
 from uirl.engine import weighted_metrics
-from uirl.federated import EVAL_METRICS, PRIOR_ARRAY, ReleasedSum, release_arrays
+from uirl.federated import EVAL_METRICS, ReleasedSum, release_arrays
+from uirl.message_names import PRIOR_ARRAY
 from uirl.privacy.central import central_epsilon, central_noise
 from uirl.replies import ReplyChecker, ReplyRejected
 from uirl.rounds import MAX_TEXT, RoundResult, SiloReply, conclude_round, rejected_row, train_round

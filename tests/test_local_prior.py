@@ -124,7 +124,8 @@ def test_under_flower_each_silo_evaluates_with_the_released_sum_it_is_sent(tiny_
 
     from server.app import _Recorder, build_strategy
     from server.popularity import release_prior
-    from uirl.federated import RELEASE_NOISE_ARRAY, RELEASE_SUM_ARRAY, pop_release
+    from uirl.federated import pop_release
+    from uirl.message_names import RELEASE_NOISE_ARRAY, RELEASE_SUM_ARRAY
     from uirl.rundir import RunDirectory
 
     # The prior dominates the scores (weight 50), so the two priors rank differently.

@@ -17,8 +17,9 @@ from helpers import tiny_config
 from server.popularity import RELEASE_MESSAGE, PriorError, _catalogue, _read, release_prior
 from uirl.config import SiloConfig, from_run_config, silo_from_node_config, to_run_config
 from uirl.errors import ConfigError
-from uirl.federated import (COUNTS_ARRAY, PRIOR_ARRAY, RELEASE_METRICS, STATUS_LEDGER_ERROR, STATUS_OK,
-                            STATUS_REPLAY_REFUSED, _worker, local_release_durable, local_train_durable)
+from uirl.federated import (RELEASE_METRICS, STATUS_LEDGER_ERROR, STATUS_OK, STATUS_REPLAY_REFUSED, _worker,
+                            local_release_durable, local_train_durable)
+from uirl.message_names import COUNTS_ARRAY, PRIOR_ARRAY
 from uirl.engine import popularity_prior
 from uirl.launch.output import ConciseLog
 from uirl.launch.simulation import run_simulation

@@ -12,8 +12,9 @@ import pytest
 from helpers import tiny_config
 from uirl import engine
 from uirl.errors import RunFailed
-from uirl.federated import (COUNTS_ARRAY, DP_METRICS, RELEASE_METRICS, STATUS_BUDGET_EXHAUSTED, STATUS_OK,
-                            STATUS_REPLAY_REFUSED, STATUS_UNSUPPORTED, local_release)
+from uirl.federated import (DP_METRICS, RELEASE_METRICS, STATUS_BUDGET_EXHAUSTED, STATUS_OK, STATUS_REPLAY_REFUSED,
+                            STATUS_UNSUPPORTED, local_release)
+from uirl.message_names import COUNTS_ARRAY
 from uirl.replies import ReplyRejected, check_release, release_catalogue
 
 ITEMS = 6

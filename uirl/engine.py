@@ -23,8 +23,9 @@ import numpy as np
 
 from uirl.config import Config, SiloConfig
 from uirl.errors import RunFailed, UirlError
-from uirl.federated import (COUNTS_ARRAY, EvaluationWithheld, ReleasedSum, hash_seed, local_evaluate, local_release,
-                            local_train, released_update)
+from uirl.federated import (EvaluationWithheld, ReleasedSum, hash_seed, local_evaluate, local_release, local_train,
+                            released_update)
+from uirl.message_names import COUNTS_ARRAY
 from uirl.model import InterestModel
 from uirl.model.build import build_model
 from uirl.model.encoder import Encoder

@@ -36,8 +36,7 @@ from uirl.privacy import PrivacyLedger, plan_noise_multiplier
 from uirl.privacy.accountant import PrivacyError
 from uirl.privacy.ledger_file import LedgerFile, PopularityRelease, Release, digest_arrays
 from uirl.errors import EvaluationWithheld, UirlError
-from uirl.message_names import (COUNTS_ARRAY, PRIOR_ARRAY, RELEASE_ACTION, RELEASE_NOISE_ARRAY,  # noqa: F401
-                                RELEASE_SUM_ARRAY, RELEASE_TASK)
+from uirl.message_names import RELEASE_NOISE_ARRAY, RELEASE_SUM_ARRAY
 from uirl.model.vector_cache import load_catalogue_vectors
 from uirl.privacy.dp_sgd import secure_sampling_rng
 from uirl.privacy.popularity import (distributed_release, gaussian_release, integer_counts, plan_sgd_noise_after_release,

@@ -53,8 +53,9 @@ from uirl.aggregation import UpdateRejected, check_update, honest_update_norm
 from uirl.compression import PayloadError, decode_update
 from uirl.config import Config
 from uirl.errors import RunFailed
-from uirl.federated import (COUNTS_ARRAY, DP_METRICS, EVAL_METRICS, FULL_METRICS, KEPT_UNDER_DP,
-                            RELEASE_REPLY_KEYS, STATUS_OK, TRAIN_REPLY_KEYS)
+from uirl.federated import (DP_METRICS, EVAL_METRICS, FULL_METRICS, KEPT_UNDER_DP, RELEASE_REPLY_KEYS, STATUS_OK,
+                            TRAIN_REPLY_KEYS)
+from uirl.message_names import COUNTS_ARRAY
 
 
 class ReplyRejected(UpdateRejected):
